@@ -1,0 +1,1 @@
+"""Metrics, run comparison, reports, explanations and prediction."""

@@ -1,0 +1,1 @@
+"""Per-organ class-conditional generators (diffusion, GAN) and their audit."""

@@ -1,0 +1,74 @@
+"""The workspace: one folder with a fixed layout, so commands need no paths.
+
+::
+
+    <workdir>/
+      config.yaml              the workspace's config (written by the first command given --config)
+      data/                    raw RSNA-layout input: train.csv, train_series_meta.csv,
+                               image_level_labels.csv, train_images/<patient>/<series>/<n>.dcm
+                               (+ phantom_truth/ for the built-in phantom)
+      store/                   the real slice store (toolkit prepare)
+      synthetic/<organ>/       synthetic slice set + generator checkpoint + audit (toolkit gen)
+      runs/<name>/             classifier runs (toolkit train)
+      reports/<name>/          comparisons (toolkit compare), heat maps (toolkit explain)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from toolkit import ORGANS
+
+
+@dataclass(frozen=True)
+class Workspace:
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root).resolve())
+
+    @property
+    def config_file(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def store_dir(self) -> Path:
+        return self.root / "store"
+
+    @property
+    def synthetic_root(self) -> Path:
+        return self.root / "synthetic"
+
+    def synthetic_dir(self, organ: str) -> Path:
+        return self.synthetic_root / organ
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.root / "runs"
+
+    def run_dir(self, name: str) -> Path:
+        return self.runs_dir / name
+
+    @property
+    def reports_dir(self) -> Path:
+        return self.root / "reports"
+
+    def status(self) -> list[tuple[str, bool, str]]:
+        """(stage, done, detail) for each stage in pipeline order."""
+        rows: list[tuple[str, bool, str]] = []
+        has_data = (self.data_dir / "train.csv").exists()
+        rows.append(("data", has_data, str(self.data_dir) if has_data else "no data/train.csv: run `toolkit demo-data` or copy the RSNA data into data/"))
+        has_store = (self.store_dir / "manifest.csv").exists()
+        rows.append(("prepare", has_store, str(self.store_dir) if has_store else "no slice store: run `toolkit prepare`"))
+        done = [o for o in ORGANS if (self.synthetic_dir(o) / "manifest.csv").exists()]
+        rows.append(("gen", bool(done), f"synthetic sets for: {', '.join(done)}" if done else "no synthetic slices: run `toolkit gen --organ all`"))
+        runs = sorted(p.name for p in self.runs_dir.glob("*") if (p / "config.yaml").exists()) if self.runs_dir.exists() else []
+        rows.append(("train", bool(runs), f"runs: {', '.join(runs)}" if runs else "no runs: run `toolkit train`"))
+        reports = sorted(p.name for p in self.reports_dir.glob("*") if p.is_dir()) if self.reports_dir.exists() else []
+        rows.append(("compare", bool(reports), f"reports: {', '.join(reports)}" if reports else "no report: run `toolkit compare`"))
+        return rows
