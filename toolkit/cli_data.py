@@ -33,11 +33,11 @@ def demo_data(
     Real DICOM files (pydicom) with fake identifying tags, train.csv, train_series_meta.csv,
     image_level_labels.csv, and phantom_truth/ (organ and injury masks, for evaluation only).
     """
-    from toolkit.data.phantom import write_phantom
-
     ws, cfg = setup(
         workdir, config, sets, {"phantom": {"patients": patients, "slices": slices, "size": size}}, seed
     )
+    from toolkit.data.phantom import write_phantom
+
     out_dir = out or ws.data_dir
     summary = write_phantom(out_dir, cfg.phantom, seed=cfg.seed, force=force)
     console.print(f"wrote phantom to {out_dir}: {summary}")
@@ -64,8 +64,6 @@ def prepare(
 
     Resumes an interrupted run; unreadable files are skipped and listed in store/errors.csv.
     """
-    from toolkit.data.prepare import prepare_store, summarize_store
-
     ws, cfg = setup(
         workdir,
         config,
@@ -81,6 +79,8 @@ def prepare(
         },
         seed,
     )
+    from toolkit.data.prepare import prepare_store, summarize_store
+
     store = prepare_store(source or ws.data_dir, out or ws.store_dir, cfg, force=force)
     console.print(summarize_store(store))
 
