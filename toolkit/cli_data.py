@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from toolkit.cli_common import ConfigOpt, ForceOpt, SeedOpt, SetOpt, WorkdirOpt, console, handle_errors, setup
+from toolkit.config import save_config
 
 
 def register(app: typer.Typer) -> None:
@@ -40,6 +41,7 @@ def demo_data(
 
     out_dir = out or ws.data_dir
     summary = write_phantom(out_dir, cfg.phantom, seed=cfg.seed, force=force)
+    save_config(cfg, out_dir / "config.yaml")
     console.print(f"wrote phantom to {out_dir}: {summary}")
 
 

@@ -79,12 +79,14 @@ class GenConfig:
     label_dropout: float = 0.1  # classifier-free guidance
     guidance_scale: float = 2.0
     sampler: str = "dpm"  # dpm | ddim | ddpm
-    sample_steps: int = 20
+    sample_steps: int = 20  # dpm/ddim steps; ddpm always uses num_train_timesteps
+    beta_schedule: str = "squaredcos_cap_v2"  # DDPMScheduler noise schedule (cosine suits small images)
     # gan
     z_dim: int = 128
     ngf: int = 64
     ndf: int = 64
     gan_lr: float = 2e-4
+    gan_ema: bool = True  # sample from an EMA of the generator weights (decay ema_decay)
     # outputs and audit
     n: int = 2000  # synthetic slices written, split evenly over classes
     near_copy_threshold: float = 0.95  # cosine similarity to the nearest training slice
@@ -106,7 +108,10 @@ class TrainConfig:
     lr: float = 3e-4
     weight_decay: float = 1e-4
     trainable_blocks: int = 2  # backbone blocks nearest the head left trainable; -1 = all
-    synthetic_ratio: float = 0.0  # share of training samples drawn from the synthetic pool
+    # r: fraction of every epoch's samples drawn from the organ's synthetic pool (0 = real-only
+    # baseline with the same epoch_size, i.e. the same number of optimizer steps); see train/balancer.py.
+    synthetic_ratio: float = 0.0
+    synthetic_max_repeat: int = 4  # most times one synthetic slice may appear in one epoch
     patience: int = 3  # early stopping on validation AUC, epochs
     augment: bool = True
     aggregate: str = "max"  # patient score from slice scores: max | topk
@@ -119,11 +124,12 @@ class TrainConfig:
 class EvalConfig:
     """``toolkit compare`` / ``explain`` / ``predict``."""
 
-    baseline: str = "real-only"
-    bootstrap: int = 2000
-    ci: float = 0.95
-    alpha: float = 0.05
-    explain_slices: int = 16
+    baseline: str = "real-only"  # run every other run is compared with (train it with --synthetic-ratio 0)
+    bootstrap: int = 2000  # patient-bootstrap resamples for CIs of AUCs and AUC deltas
+    ci: float = 0.95  # confidence level of every interval
+    alpha: float = 0.05  # DeLong p-value needed (with a CI excluding 0) to call a change
+    min_positives: int = 5  # fewer injured test patients than this: the report warns of little power
+    explain_slices: int = 16  # test slices (injured first) shown by `toolkit explain`
 
 
 @dataclass

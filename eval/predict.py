@@ -1,0 +1,163 @@
+"""``toolkit predict``: per-organ injury probabilities for one CT series from a trained run.
+
+The study is scored exactly as the run scored its test patients: the series is
+read into HU at the run's store size and slice count (``data.size``,
+``data.slices_per_series`` of the run's config), every slice is scored by each
+fold model, fold probabilities are averaged, and slices are aggregated to one
+study score by the run's rule (``train.aggregate``: max, or mean of the top k).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from eval import metrics
+from eval.runs import Run, list_runs, load_run
+from toolkit import ORGANS
+from toolkit.config import Config
+from toolkit.errors import ToolkitError
+from toolkit.workspace import Workspace
+
+BEST = "best"
+
+
+def oof_auc(run: Run, organ: str) -> float:
+    """Out-of-fold patient AUC of ``run`` for ``organ`` (NaN when unavailable).
+
+    Picking a run by it never looks at the test set.
+    """
+    df = run.table(organ, "oof_patients", required=False)
+    if df is None:
+        return float("nan")
+    return metrics.auc(df["label"].to_numpy().astype(int), df["prob"].to_numpy(float))
+
+
+def full_sensitivity_threshold(run: Run, organ: str) -> float | None:
+    """The full-sensitivity operating threshold fixed on out-of-fold patients (None when unavailable)."""
+    df = run.table(organ, "oof_patients", required=False)
+    if df is None or not (df["label"] > 0).any():
+        return None
+    return metrics.operating_point_full_sensitivity(
+        df["label"].to_numpy().astype(int), df["prob"].to_numpy(float)
+    ).threshold
+
+
+def choose_runs(ws: Workspace, run: str) -> dict[str, Run]:
+    """Organ -> run that scores it: one named run for every organ it has, or per organ the best OOF AUC."""
+    if run != BEST:
+        r = load_run(ws, run)
+        organs = [o for o in ORGANS if o in r.organs and (r.organ_dir(o) / "fold_0").exists()]
+        if not organs:
+            raise ToolkitError(
+                f"run '{run}' has no trained fold models under {r.path}; run `toolkit train --resume`"
+            )
+        return {o: r for o in organs}
+    runs = [load_run(ws, n) for n in list_runs(ws)]
+    if not runs:
+        raise ToolkitError(f"no complete run in {ws.runs_dir}; train one with `toolkit train`")
+    chosen: dict[str, Run] = {}
+    for organ in ORGANS:
+        scored = [(oof_auc(r, organ), r.name, r) for r in runs if organ in r.organs]
+        scored = [s for s in scored if np.isfinite(s[0])]
+        if scored:
+            chosen[organ] = max(scored, key=lambda s: (s[0], s[1]))[2]
+    if not chosen:
+        raise ToolkitError(
+            f"no run in {ws.runs_dir} has oof_patients.csv to pick the best from; pass --run NAME"
+        )
+    return chosen
+
+
+def _run_settings(run: Run) -> dict[str, Any]:
+    data = run.config.get("data") or {}
+    train = run.config.get("train") or {}
+    size = data.get("size")
+    if size is None:
+        raise ToolkitError(
+            f"{run.path / 'config.yaml'} lacks data.size; re-create the run with `toolkit train`"
+        )
+    return {
+        "size": int(size),
+        "slices": int(data.get("slices_per_series") or 0),
+        "windows": run.meta.get("windows") or data.get("windows"),
+        "image_size": int(run.meta.get("image_size") or train.get("image_size")),
+        "aggregate": train.get("aggregate", "max"),
+        "top_k": int(train.get("top_k", 3)),
+    }
+
+
+def predict_study(
+    ws: Workspace,
+    cfg: Config,
+    study: str | Path,
+    run: str,
+    device: str | None = None,
+) -> dict[str, Any]:
+    """Score one CT series folder with a run's fold ensemble(s).
+
+    Parameters
+    ----------
+    ws : Workspace
+    cfg : Config
+        Unused beyond the workspace defaults today; kept for a uniform command signature.
+    study : path-like
+        Folder of single-frame DICOM files of one series.
+    run : str
+        Run name, or ``"best"``: per organ the run with the highest out-of-fold patient AUC.
+    device : str, optional
+        Torch device (default: what train.inference picks).
+
+    Returns
+    -------
+    dict
+        ``study``, ``n_slices``, ``organs`` ({organ: run, prob, prob_folds, aggregate,
+        full_sensitivity_threshold, top_slices}), ``elapsed_s``. No DICOM tag values
+        other than geometry (instance number, z) appear in it.
+    """
+    from toolkit.data.dicom import read_series
+    from train.inference import aggregate_patient, load_fold_models, predict_probs
+
+    start = time.perf_counter()
+    study = Path(study)
+    if not study.is_dir():
+        raise ToolkitError(f"study folder {study} does not exist; give a folder of one series' DICOM files")
+    chosen = choose_runs(ws, run)
+    series_cache: dict[tuple[int, int], tuple[np.ndarray, Any]] = {}
+    organs: dict[str, Any] = {}
+    n_slices = 0
+    for organ, r in chosen.items():
+        s = _run_settings(r)
+        key = (s["size"], s["slices"])
+        if key not in series_cache:
+            series_cache[key] = read_series(study, size=s["size"], slices=s["slices"])
+        hu, table = series_cache[key]
+        n_slices = max(n_slices, len(hu))
+        models = load_fold_models(r.path, organ)
+        fold_probs = np.asarray(predict_probs(models, hu, s["windows"], s["image_size"], device=device))
+        slice_probs = fold_probs.mean(axis=0)
+        top = np.argsort(-slice_probs)[:3]
+        organs[organ] = {
+            "run": r.name,
+            "prob": aggregate_patient(slice_probs, s["aggregate"], s["top_k"]),
+            "prob_folds": [aggregate_patient(p, s["aggregate"], s["top_k"]) for p in fold_probs],
+            "aggregate": s["aggregate"] if s["aggregate"] == "max" else f"top{s['top_k']}",
+            "full_sensitivity_threshold": full_sensitivity_threshold(r, organ),
+            "top_slices": [
+                {
+                    "instance": int(table["instance"].iloc[i]),
+                    "z": float(table["z"].iloc[i]),
+                    "prob": float(slice_probs[i]),
+                }
+                for i in top
+            ],
+        }
+    return {
+        "study": str(study),
+        "n_slices": int(n_slices),
+        "organs": organs,
+        "elapsed_s": round(time.perf_counter() - start, 3),
+    }

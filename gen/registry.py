@@ -1,0 +1,108 @@
+"""Generator registry and factory (timm ``register_model`` / ``create_model`` style).
+
+Each backend module decorates its class with ``@register_generator("name")``;
+:func:`create_generator` looks the name up and builds an unfitted generator.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from toolkit.errors import ToolkitError
+
+if TYPE_CHECKING:
+    from gen.base import BaseGenerator
+    from toolkit.config import GenConfig
+
+_GENERATORS: dict[str, type[BaseGenerator]] = {}
+
+T = TypeVar("T")
+
+
+def register_generator(name: str) -> Callable[[T], T]:
+    """Class decorator adding a generator backend under ``name``."""
+
+    def decorator(cls: T) -> T:
+        if name in _GENERATORS and _GENERATORS[name] is not cls:
+            raise ValueError(f"generator '{name}' is already registered by {_GENERATORS[name].__name__}")
+        _GENERATORS[name] = cls  # type: ignore[assignment]
+        cls.generator_name = name  # type: ignore[attr-defined]
+        return cls
+
+    return decorator
+
+
+def _import_builtin() -> None:
+    # Importing the backend modules runs their @register_generator decorators.
+    import gen.diffusion  # noqa: F401
+    import gen.gan  # noqa: F401
+
+
+def list_generators() -> list[str]:
+    """Names accepted by :func:`create_generator`, sorted."""
+    _import_builtin()
+    return sorted(_GENERATORS)
+
+
+def is_generator(name: str) -> bool:
+    """Whether ``name`` is a registered generator backend."""
+    _import_builtin()
+    return name in _GENERATORS
+
+
+def create_generator(
+    name: str,
+    cfg: GenConfig,
+    n_classes: int = 2,
+    class_names: list[str] | None = None,
+    seed: int = 0,
+    **overrides: Any,
+) -> BaseGenerator:
+    """Build an unfitted generator.
+
+    Parameters
+    ----------
+    name : {"diffusion", "gan"}
+        Registered backend name.
+    cfg : GenConfig
+        Hyperparameters; ``overrides`` (non-None values) replace fields of it, e.g. ``image_size=32``.
+    n_classes : int, default=2
+        Number of conditioning classes (2 binary, 3 healthy/low/high).
+    class_names : list of str, optional
+        One name per class, used in figures and the audit.
+    seed : int, default=0
+        Seed of the weight initialisation and of every training step.
+    """
+    import dataclasses
+
+    _import_builtin()
+    if name not in _GENERATORS:
+        raise ToolkitError(f"unknown generator '{name}'; valid generators: {', '.join(sorted(_GENERATORS))}")
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if overrides:
+        valid = {f.name for f in dataclasses.fields(cfg)}
+        unknown = sorted(set(overrides) - valid)
+        if unknown:
+            raise ToolkitError(
+                f"unknown generator option(s) {', '.join(unknown)}; valid: {', '.join(sorted(valid))}"
+            )
+        cfg = dataclasses.replace(cfg, **overrides)
+    return _GENERATORS[name](cfg, n_classes=n_classes, class_names=class_names, seed=seed)
+
+
+def load_generator(directory: str | Path) -> BaseGenerator:
+    """Rebuild whichever generator ``save_pretrained`` wrote to ``directory`` (reads ``config.json``)."""
+    directory = Path(directory)
+    config_file = directory / "config.json"
+    if not config_file.exists():
+        raise ToolkitError(f"no generator at {directory} (missing config.json); run `toolkit gen` first")
+    name = json.loads(config_file.read_text()).get("generator")
+    _import_builtin()
+    if name not in _GENERATORS:
+        raise ToolkitError(
+            f"{config_file} names generator '{name}'; valid generators: {', '.join(sorted(_GENERATORS))}"
+        )
+    return _GENERATORS[name].from_pretrained(directory)

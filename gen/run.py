@@ -1,0 +1,293 @@
+"""One organ's generator run: train (or resume), sample, audit, write ``synthetic/<organ>/``.
+
+Output folder::
+
+    synthetic/<organ>/
+      images.npy, manifest.csv, meta.json   the synthetic SliceSet (int16 HU, split "synthetic")
+      train_patients.csv                    patient ids the generator was trained on (train split only)
+      config.yaml                           resolved config
+      checkpoint/                           config.json + model.safetensors + training_state.pt (resume)
+      loss.csv                              step, loss (or d_loss, g_loss), img_per_s
+      audit.json                            fidelity + memorization audit (gen/audit.py)
+      grid.png                              real training slices beside synthetic ones, per class
+
+``manifest.csv`` is written last: a folder without it is an unfinished run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from gen.audit import audit
+from gen.base import TRAINING_STATE_NAME
+from gen.data import check_organ, load_training_data, train_patients_hash
+from gen.grid import save_grid
+from gen.registry import create_generator, list_generators
+from toolkit import ORGANS
+from toolkit.config import Config, save_config
+from toolkit.errors import ToolkitError
+from toolkit.sliceset import SliceSet
+from toolkit.transforms import unwindow_hu
+from toolkit.workspace import Workspace
+
+# Settings that change the outputs but not the trained generator stay out of its id.
+_NOT_IN_ID = ("n", "checkpoint_every", "near_copy_threshold", "audit_feature_epochs")
+
+
+def generator_id(organ: str, cfg: Config, split_hash: str, patients_hash: str) -> str:
+    """``<organ>-<model>-<hash8>``: same config, seed, window and training patients -> same id."""
+    gen = {k: v for k, v in dataclasses.asdict(cfg.gen).items() if k not in _NOT_IN_ID}
+    key = {
+        "organ": organ,
+        "gen": gen,
+        "seed": cfg.seed,
+        "window": list(cfg.data.windows[0]) if cfg.data.windows else None,
+        "split_hash": split_hash,
+        "train_patients_hash": patients_hash,
+    }
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+    return f"{organ}-{cfg.gen.model}-{digest[:8]}"
+
+
+def _balanced_labels(n: int, n_classes: int) -> np.ndarray:
+    """``n`` labels split evenly over classes (the first classes get the remainder), sorted."""
+    return np.sort(np.arange(n) % n_classes).astype(np.int64)
+
+
+def _prepare_output(out: Path, organ: str, resume: bool, force: bool) -> None:
+    if (out / "manifest.csv").exists() and not force:
+        raise ToolkitError(f"{out} already holds a synthetic {organ} set; pass --force to regenerate it")
+    interrupted = (out / "checkpoint" / TRAINING_STATE_NAME).exists()
+    if interrupted and not resume and not force:
+        raise ToolkitError(
+            f"{out / 'checkpoint'} holds an unfinished {organ} generator; "
+            "pass --resume to continue it or --force to start over"
+        )
+    if force and not resume and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def generate(
+    ws: Workspace,
+    cfg: Config,
+    organ: str,
+    n: int | None = None,
+    resume: bool = False,
+    force: bool = False,
+) -> Path:
+    """Train ``organ``'s generator on the store's train split, sample, audit, write the synthetic set.
+
+    Parameters
+    ----------
+    ws : Workspace
+        Reads ``ws.store_dir``, writes ``ws.synthetic_dir(organ)``.
+    cfg : Config
+        ``cfg.gen`` drives the generator, ``cfg.data.windows[0]`` the windowing,
+        ``cfg.seed`` everything random.
+    organ : str
+        One of :data:`toolkit.ORGANS`.
+    n : int, optional
+        Synthetic slices to write (default ``cfg.gen.n``), split evenly over the classes.
+    resume : bool, default=False
+        Continue an interrupted training from ``checkpoint/``.
+    force : bool, default=False
+        Overwrite an existing synthetic set (and, without ``resume``, its checkpoint).
+
+    Returns
+    -------
+    Path
+        The output folder ``ws.synthetic_dir(organ)``.
+    """
+    from accelerate import PartialState
+
+    from toolkit.cli_common import console, make_progress
+
+    check_organ(organ)
+    if cfg.gen.model not in list_generators():
+        raise ToolkitError(
+            f"unknown gen.model '{cfg.gen.model}'; valid generators: {', '.join(list_generators())}"
+        )
+    n = int(cfg.gen.n if n is None else n)
+    if n < 1:
+        raise ToolkitError(f"the number of synthetic slices must be >= 1, got {n}")
+    if not (ws.store_dir / "manifest.csv").exists():
+        raise ToolkitError(f"no slice store at {ws.store_dir}; run `toolkit prepare` first")
+    store = SliceSet.load(ws.store_dir)
+    data = load_training_data(store, organ, cfg)
+
+    out = ws.synthetic_dir(organ)
+    state = PartialState()
+    if state.is_main_process:
+        _prepare_output(out, organ, resume, force)
+    state.wait_for_everyone()
+
+    split_hash = str(store.meta.get("split_hash", ""))
+    patients_hash = train_patients_hash(data.patient_ids)
+    gid = generator_id(organ, cfg, split_hash, patients_hash)
+    if state.is_main_process:
+        save_config(cfg, out / "config.yaml")
+        pd.DataFrame({"patient_id": data.train_patients}).to_csv(out / "train_patients.csv", index=False)
+
+    generator = create_generator(
+        cfg.gen.model, cfg.gen, n_classes=len(data.class_names), class_names=data.class_names, seed=cfg.seed
+    )
+    counts = ", ".join(f"{k} {v}" for k, v in data.class_counts().items())
+    console.print(
+        f"[bold]{organ}[/]: {cfg.gen.model} generator {gid} on {len(data.labels)} training slices ({counts}) "
+        f"of {len(data.train_patients)} train-split patients, "
+        f"{cfg.gen.image_size}px, {cfg.gen.train_steps} steps"
+    )
+    with make_progress() as progress:
+        task = progress.add_task(f"train {organ}", total=cfg.gen.train_steps)
+
+        def on_step(step: int, logs: dict[str, float]) -> None:
+            if step % 5 and step != cfg.gen.train_steps:
+                return
+            loss = (
+                f"loss {logs['loss']:.4f}"
+                if "loss" in logs
+                else f"d {logs['d_loss']:.3f} g {logs['g_loss']:.3f}"
+            )
+            progress.update(task, completed=step, info=f"{loss} | {logs['img_per_s']:.0f} img/s")
+
+        generator.fit(
+            data.images, data.labels, checkpoint_dir=out / "checkpoint", resume=resume, callback=on_step
+        )
+        progress.update(task, completed=cfg.gen.train_steps)
+        if not state.is_main_process:
+            return out
+        labels = _balanced_labels(n, len(data.class_names))
+        sample_task = progress.add_task(f"sample {organ}", total=n)
+        synth = generator.sample(
+            labels=labels, seed=cfg.seed, callback=lambda k: progress.update(sample_task, completed=k)
+        )
+        audit_task = progress.add_task(f"audit {organ}", total=None)
+        report = audit(
+            data.images,
+            data.labels,
+            synth,
+            labels,
+            threshold=cfg.gen.near_copy_threshold,
+            class_names=data.class_names,
+            window=data.window,
+            real_groups=data.patient_ids,
+            epochs=cfg.gen.audit_feature_epochs,
+            seed=cfg.seed,
+        )
+        progress.update(audit_task, total=1, completed=1)
+
+    per_slice = report.pop("per_slice")
+    report["generator_id"] = gid
+    (out / "audit.json").write_text(json.dumps(_json_ready(report), indent=2))
+    pd.DataFrame(generator.history_).to_csv(out / "loss.csv", index=False)
+    save_grid(
+        out / "grid.png",
+        data.images,
+        data.labels,
+        synth,
+        labels,
+        data.class_names,
+        title=f"{organ}: real training slices (left) vs synthetic {cfg.gen.model} (right), {gid}",
+        seed=cfg.seed,
+        near_copy=per_slice["near_copy"],
+    )
+    grades = labels if len(data.class_names) == 3 else (labels > 0).astype(np.int64)
+    table = pd.DataFrame(
+        {
+            "patient_id": -1,
+            "series_id": -1,
+            "instance": np.arange(n),
+            "z": 0.0,
+            organ: grades,
+            f"{organ}_patient": grades,
+            "split": "synthetic",
+            "fold": -1,
+            "source": "synthetic",
+            "generator_id": gid,
+            "near_copy": per_slice["near_copy"].astype(bool),
+            "nn_similarity": np.round(per_slice["nn_similarity"].astype(np.float64), 5),
+        }
+    )
+    meta = {
+        "source": "synthetic",
+        "generator_id": gid,
+        "organ": organ,
+        "model": cfg.gen.model,
+        "classes": data.class_names,
+        "split_hash": split_hash,
+        "train_patients_hash": patients_hash,
+        "n_train_patients": int(len(data.train_patients)),
+        "n_train_slices": int(len(data.labels)),
+        "window": list(data.window),
+        "image_size": int(cfg.gen.image_size),
+        "train_steps": int(generator.step_),
+        "seed": int(cfg.seed),
+        "audit": report["summary"],
+    }
+    if cfg.gen.model == "diffusion":
+        meta.update(
+            sampler=cfg.gen.sampler, sample_steps=cfg.gen.sample_steps, guidance_scale=cfg.gen.guidance_scale
+        )
+    SliceSet(unwindow_hu(synth, data.window), table, meta).save(out, force=True)
+    return out
+
+
+def generate_all(
+    ws: Workspace,
+    cfg: Config,
+    organs: tuple[str, ...] | list[str] = ORGANS,
+    n: int | None = None,
+    resume: bool = False,
+    force: bool = False,
+) -> dict[str, dict[str, Any]]:
+    """Run :func:`generate` for each organ; finished organs are skipped unless ``force``.
+
+    One organ's :class:`ToolkitError` (e.g. no positives) is recorded and the others continue.
+
+    Returns
+    -------
+    dict
+        ``{organ: {"status": "done" | "skipped" | "failed", "path" or "error": str, "audit": str}}``
+    """
+    results: dict[str, dict[str, Any]] = {}
+    for organ in organs:
+        out = ws.synthetic_dir(organ)
+        if (out / "manifest.csv").exists() and not force:
+            results[organ] = {"status": "skipped", "path": str(out), "audit": _headline(out)}
+            continue
+        interrupted = (out / "checkpoint" / TRAINING_STATE_NAME).exists()
+        try:
+            path = generate(ws, cfg, organ, n=n, resume=resume or (interrupted and not force), force=force)
+        except ToolkitError as exc:
+            results[organ] = {"status": "failed", "error": str(exc)}
+            continue
+        results[organ] = {"status": "done", "path": str(path), "audit": _headline(path)}
+    return results
+
+
+def _headline(out: Path) -> str:
+    path = out / "audit.json"
+    return json.loads(path.read_text()).get("summary", "") if path.exists() else ""
+
+
+def _json_ready(value: Any) -> Any:
+    """NaN -> None and numpy scalars -> Python, so audit.json is strict JSON."""
+    if isinstance(value, dict):
+        return {k: _json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(v) for v in value]
+    if isinstance(value, (np.floating, float)):
+        return None if not math.isfinite(float(value)) else round(float(value), 6)
+    if isinstance(value, np.integer):
+        return int(value)
+    return value

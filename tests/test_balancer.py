@@ -1,0 +1,97 @@
+"""The balancer: epoch size, class balance, synthetic share, seeding, refusals."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from toolkit.errors import ToolkitError
+from train.balancer import REAL, SYNTHETIC, Balancer, split_counts
+
+
+def _real(n_pos: int = 10, n_neg: int = 90) -> tuple[np.ndarray, np.ndarray]:
+    index = np.arange(1000, 1000 + n_pos + n_neg)
+    labels = np.r_[np.ones(n_pos), np.zeros(n_neg)].astype(np.int64)
+    return index, labels
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.25, 0.5, 1.0])
+def test_every_ratio_gives_the_same_epoch_size_balanced_within_each_source(ratio: float) -> None:
+    index, labels = _real()
+    synthetic = np.r_[np.ones(200), np.zeros(200)]
+    balancer = Balancer(index, labels, synthetic, epoch_size=256, ratio=ratio, seed=0, fold=1)
+    plan = balancer.plan(epoch=3)
+
+    assert len(plan) == 256
+    is_syn = plan.source == SYNTHETIC
+    assert is_syn.mean() == pytest.approx(ratio, abs=1 / 256)
+    for source in (REAL, SYNTHETIC):
+        mask = plan.source == source
+        if mask.any():
+            assert plan.label[mask].mean() == 0.5
+    # Real samples come only from the rows handed in (the training folds) with their true labels.
+    real = plan.source == REAL
+    assert set(plan.index[real]) <= set(index)
+    lookup = dict(zip(index, labels))
+    assert all(lookup[i] == y for i, y in zip(plan.index[real], plan.label[real]))
+    assert (synthetic[plan.index[is_syn]] == plan.label[is_syn]).all()
+
+
+def test_real_only_baseline_repeats_the_minority_class_evenly() -> None:
+    index, labels = _real(n_pos=10, n_neg=90)
+    plan = Balancer(index, labels, epoch_size=200, ratio=0.0, seed=0, fold=0).plan(0)
+    positives = plan.index[plan.label == 1]
+    counts = np.unique(positives, return_counts=True)[1]
+    assert len(positives) == 100 and len(counts) == 10 and (counts == 10).all()
+    negatives = plan.index[plan.label == 0]
+    assert len(np.unique(negatives)) == 90  # every healthy slice used, none more than twice
+    assert np.unique(negatives, return_counts=True)[1].max() == 2
+
+
+def test_plans_are_seeded_by_seed_fold_and_epoch() -> None:
+    index, labels = _real()
+    make = lambda seed, fold: Balancer(index, labels, epoch_size=64, ratio=0.0, seed=seed, fold=fold)  # noqa: E731
+    assert np.array_equal(make(0, 0).plan(2).index, make(0, 0).plan(2).index)
+    assert not np.array_equal(make(0, 0).plan(2).index, make(0, 0).plan(3).index)
+    assert not np.array_equal(make(0, 0).plan(2).index, make(1, 0).plan(2).index)
+    assert not np.array_equal(make(0, 0).plan(2).index, make(0, 1).plan(2).index)
+
+
+def test_split_counts_keep_the_epoch_size() -> None:
+    for ratio in np.linspace(0, 1, 11):
+        real, syn = split_counts(512, ratio)
+        assert 2 * (real + syn) == 512
+
+
+def test_no_injured_training_slice_is_an_error_naming_organ_and_counts() -> None:
+    index, labels = _real(n_pos=0, n_neg=50)
+    with pytest.raises(ToolkitError, match=r"0 injured and 50 healthy real spleen"):
+        Balancer(index, labels, epoch_size=64, ratio=0.0, seed=0, fold=2, organ="spleen")
+
+
+def test_too_small_pool_says_how_many_to_generate() -> None:
+    index, labels = _real()
+    pool = np.r_[np.ones(5), np.zeros(300)]  # 256 * 0.5 / 2 = 64 per class, <= 4 uses each -> 16 needed
+    with pytest.raises(ToolkitError, match=r"toolkit gen --organ liver --n 32`"):
+        Balancer(index, labels, pool, epoch_size=256, ratio=0.5, seed=0, fold=0, organ="liver")
+    with pytest.raises(ToolkitError, match=r"--n 64`"):  # half the pool were near copies
+        Balancer(index, labels, pool, epoch_size=256, ratio=0.5, seed=0, fold=0, organ="liver",
+                 near_copy_fraction=0.5)
+    missing_class = np.zeros(300)
+    with pytest.raises(ToolkitError, match="0 injured"):
+        Balancer(index, labels, missing_class, epoch_size=256, ratio=0.5, seed=0, fold=0, organ="liver")
+    # Enough slices: each used at most max_repeat times.
+    plan = Balancer(index, labels, np.r_[np.ones(16), np.zeros(16)], epoch_size=256, ratio=0.5, seed=0,
+                    fold=0).plan(0)
+    syn = plan.index[plan.source == SYNTHETIC]
+    assert np.unique(syn, return_counts=True)[1].max() <= 4
+
+
+def test_bad_settings_are_refused() -> None:
+    index, labels = _real()
+    with pytest.raises(ToolkitError, match="synthetic_ratio"):
+        Balancer(index, labels, epoch_size=64, ratio=1.5, seed=0, fold=0)
+    with pytest.raises(ToolkitError, match="epoch_size"):
+        Balancer(index, labels, epoch_size=63, ratio=0.0, seed=0, fold=0)
+    with pytest.raises(ToolkitError, match="needs a synthetic pool"):
+        Balancer(index, labels, None, epoch_size=64, ratio=0.5, seed=0, fold=0)

@@ -1,0 +1,238 @@
+"""``toolkit explain`` and ``toolkit predict`` on a tiny real timm run folder (random weights, 32 px)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import timm
+import torch
+import yaml
+from PIL import Image
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from eval.explain import explain_runs, last_conv, localisation, resize_mask
+from eval.predict import predict_study
+from tests.conftest import make_toy_slice_set
+from toolkit.cli import app
+from toolkit.config import Config, EvalConfig
+from toolkit.data.phantom_anatomy import ORGAN_CODES
+from toolkit.errors import ToolkitError
+from toolkit.workspace import Workspace
+
+SIZE = 32  # store and model input size
+MEAN, STD = [0.39], [0.23]
+
+
+def _write_fold(directory: Path, seed: int) -> None:
+    """One fold checkpoint per the train contract: model.safetensors + config.json."""
+    torch.manual_seed(seed)
+    model = timm.create_model("mobilenetv2_050", num_classes=1, in_chans=1)
+    directory.mkdir(parents=True)
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()}, str(directory / "model.safetensors")
+    )
+    config = {
+        "architecture": "mobilenetv2_050",
+        "in_chans": 1,
+        "num_classes": 1,
+        "image_size": SIZE,
+        "mean": MEAN,
+        "std": STD,
+        "windows": [[40.0, 400.0]],
+        "fold": int(directory.name.split("_")[1]),
+    }
+    (directory / "config.json").write_text(json.dumps(config))
+
+
+def write_tiny_run(root: Path, name: str, aggregate: str = "max", seed: int = 0) -> Path:
+    run = root / "runs" / name
+    for k in range(2):
+        _write_fold(run / "liver" / f"fold_{k}", seed + k)
+    oof = pd.DataFrame({"patient_id": range(8), "fold": [0, 1] * 4, "label": [0, 1] * 4, "grade": [0, 1] * 4})
+    oof["prob"] = [0.2, 0.6, 0.3, 0.7, 0.1, 0.55, 0.4, 0.9]
+    oof.to_csv(run / "liver" / "oof_patients.csv", index=False)
+    meta = {
+        "name": name,
+        "split_hash": "toy-split",
+        "synthetic_ratio": 0.0,
+        "seed": 0,
+        "folds": 2,
+        "organs": ["liver"],
+        "model": "mobilenetv2_050",
+        "image_size": SIZE,
+        "windows": [[40.0, 400.0]],
+        "epoch_size": 64,
+        "epochs": 1,
+        "generators": {},
+        "complete": True,
+    }
+    (run / "run.json").write_text(json.dumps(meta))
+    cfg = {
+        "seed": 0,
+        "data": {"size": SIZE, "slices_per_series": 0, "windows": [[40.0, 400.0]]},
+        "train": {"aggregate": aggregate, "top_k": 2, "image_size": SIZE},
+    }
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    return run
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One torch thread: these nets are tiny, and CPU tests run beside other work on 2 cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def workspace(tmp_path) -> Workspace:
+    ws = Workspace(tmp_path)
+    store = make_toy_slice_set(n_patients=12, slices_per_patient=4, size=SIZE)
+    store.save(ws.store_dir)
+    write_tiny_run(tmp_path, "real-only")
+    return ws
+
+
+def _write_truth(ws: Workspace, store_table: pd.DataFrame, size: int = 2 * SIZE) -> None:
+    """Fake phantom truth at twice the store size: liver = left half, injury = a square in it."""
+    out = ws.data_dir / "phantom_truth"
+    out.mkdir(parents=True)
+    for series_id, rows in store_table.groupby("series_id"):
+        n = len(rows)
+        organs = np.zeros((n, size, size), np.uint8)
+        organs[:, :, : size // 2] = ORGAN_CODES["liver"]
+        injury = np.zeros_like(organs)
+        if rows["liver"].max() > 0:
+            injury[:, 8:24, 8:24] = ORGAN_CODES["liver"]
+        np.savez(
+            out / f"{series_id}.npz",
+            instance_number=rows["instance"].to_numpy(),
+            organs=organs,
+            injury=injury,
+        )
+
+
+def test_localisation_and_mask_resampling_by_hand():
+    cam = np.zeros((4, 4), np.float32)
+    cam[0, 0], cam[3, 3] = 3.0, 1.0
+    mask = np.zeros((4, 4), bool)
+    mask[:2, :2] = True
+    loc = localisation(cam, mask)
+    assert loc == {"mass_share": 0.75, "area_share": 0.25, "hit": True}
+    assert localisation(cam, np.zeros((4, 4), bool))["mass_share"] is None
+    big = np.zeros((8, 8), np.uint8)
+    big[:4, :4] = 1
+    assert np.array_equal(resize_mask(big, 4), np.kron([[1, 0], [0, 0]], np.ones((2, 2), np.uint8)))
+    assert (
+        last_conv(timm.create_model("mobilenetv2_050", num_classes=1, in_chans=1)).__class__
+        is torch.nn.Conv2d
+    )
+
+
+def test_explain_writes_overlays_and_localisation(workspace):
+    from toolkit.sliceset import SliceSet
+
+    table = SliceSet.load(workspace.store_dir).table
+    _write_truth(workspace, table)
+    write_tiny_run(workspace.root, "synthetic-0.5", seed=10)
+    cfg = Config(eval=EvalConfig(explain_slices=6))
+    result = explain_runs(workspace, cfg, ["real-only", "synthetic-0.5"], "liver")
+    assert result["n_slices"] == 6 and result["has_truth"]
+    out = workspace.reports_dir / "explain-real-only-liver"
+    data = json.loads((out / "explain.json").read_text())
+    labels = [s["label"] for s in data["slices"]]
+    assert labels == sorted(labels, reverse=True) and labels[0] > 0  # injured first
+    pngs = sorted(out.glob("slice_*.png"))
+    assert len(pngs) == 6
+    Image.open(pngs[0]).verify()
+    s = data["summary"]
+    assert 0.0 <= s["organ_mass_share"] <= 1.0 and s["organ_area_share"] == pytest.approx(0.5)
+    assert s["organ_pointing_hit"] in {0.0, 1.0} or 0.0 < s["organ_pointing_hit"] < 1.0
+    assert s["injury_n"] == sum(
+        1 for x in data["slices"] if x["label"] > 0 or x["injury"]["mass_share"] is not None
+    )
+    assert (out / "explain.md").exists() and (out / "config.yaml").exists()
+    assert (workspace.reports_dir / "explain-liver-compare" / "grid.png").exists()
+    assert set(result["summary"]) == {"real-only", "synthetic-0.5"}
+    with pytest.raises(ToolkitError, match="already exists"):
+        explain_runs(workspace, cfg, ["real-only"], "liver")
+
+
+def _dicom_series(folder: Path, n: int = 4) -> Path:
+    """Copies of pydicom's CT_small.dcm at different z (ImagePositionPatient) and instance numbers."""
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    folder.mkdir(parents=True)
+    src = get_testdata_file("CT_small.dcm")
+    for i in range(n):
+        ds = pydicom.dcmread(src)
+        ds.InstanceNumber = i + 1
+        x, y, z = (float(v) for v in ds.ImagePositionPatient)
+        ds.ImagePositionPatient = [x, y, z - 5.0 * i]
+        ds.save_as(folder / f"{i + 1}.dcm")
+    return folder
+
+
+def test_predict_study_matches_the_fold_ensemble(workspace, tmp_path):
+    from toolkit.data.dicom import read_series
+    from train.inference import load_fold_models, predict_probs
+
+    study = _dicom_series(tmp_path / "study")
+    result = predict_study(workspace, Config(), study, "real-only")
+    liver = result["organs"]["liver"]
+    assert result["n_slices"] == 4 and list(result["organs"]) == ["liver"]
+    hu, _ = read_series(study, size=SIZE)
+    probs = predict_probs(load_fold_models(workspace.run_dir("real-only"), "liver"), hu, [[40, 400]], SIZE)
+    assert liver["prob"] == pytest.approx(float(probs.mean(axis=0).max()), abs=1e-6)
+    assert liver["prob_folds"] == pytest.approx(probs.max(axis=1).tolist(), abs=1e-6)
+    assert liver["full_sensitivity_threshold"] == pytest.approx(0.55)
+    assert result["elapsed_s"] > 0
+
+    write_tiny_run(workspace.root, "topk", aggregate="topk")
+    topk = predict_study(workspace, Config(), study, "topk")["organs"]["liver"]
+    assert topk["prob"] == pytest.approx(float(np.sort(probs.mean(axis=0))[-2:].mean()), abs=1e-6)
+
+
+def test_predict_cli_json_and_errors(workspace, tmp_path):
+    study = _dicom_series(tmp_path / "study", n=3)
+    out = tmp_path / "pred.json"
+    runner = CliRunner()
+    res = runner.invoke(app, ["predict", str(study), "--workdir", str(workspace.root), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    saved = json.loads(out.read_text())
+    assert saved["organs"]["liver"]["run"] == "real-only" and 0 <= saved["organs"]["liver"]["prob"] <= 1
+    assert "CompressedSamples" not in res.output and "1CT1" not in out.read_text()  # no DICOM identifiers
+
+    best = runner.invoke(app, ["predict", str(study), "-w", str(workspace.root), "--run", "best"])
+    assert best.exit_code == 0, best.output
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("not dicom")
+    res = runner.invoke(app, ["predict", str(empty), "--workdir", str(workspace.root)])
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert "no readable DICOM" in res.output
+
+    res = runner.invoke(app, ["predict", str(study), "--workdir", str(workspace.root), "--run", "nope"])
+    assert res.exit_code == 2 and "no run 'nope'" in res.output
+
+    res = runner.invoke(app, ["predict", str(study), "--workdir", str(workspace.root), "--out", str(out)])
+    assert res.exit_code == 2 and "--force" in res.output
+    shutil.rmtree(study)
+
+
+def test_explain_cli_without_truth(workspace):
+    res = CliRunner().invoke(
+        app, ["explain", "--workdir", str(workspace.root), "--organ", "liver", "--slices", "3"]
+    )
+    assert res.exit_code == 0, res.output
+    assert "no ground-truth masks" in res.output
+    assert len(list((workspace.reports_dir / "explain-real-only-liver").glob("slice_*.png"))) == 3

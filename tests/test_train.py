@@ -1,0 +1,259 @@
+"""`toolkit train` end to end on a toy store: outputs, leakage, balance, determinism, resume, refusals."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import make_toy_slice_set
+from typer.testing import CliRunner
+
+from toolkit.config import Config, load_config
+from toolkit.errors import ToolkitError
+from toolkit.sliceset import SliceSet
+from toolkit.workspace import Workspace
+from train.balancer import REAL, SYNTHETIC
+from train.engine import TrainHooks
+from train.run import train_run
+
+ORGAN = "liver"
+NEAR_COPY_HU = 3000  # near-copy synthetic slices are painted with this, so training can be checked for them
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Other jobs share this machine's 2 cores; one thread avoids OpenMP spin contention.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def tiny_config(**train: object) -> Config:
+    values = dict(
+        model="mobilenetv2_050", pretrained=False, image_size=32, folds=2, epochs=2, epoch_size=32,
+        batch_size=16, trainable_blocks=-1, patience=5, num_workers=0, synthetic_ratio=0.0,
+    )
+    values.update(train)
+    return load_config("default", {"data": {"windows": [[40, 400]]}, "train": values})
+
+
+def write_pool(ws: Workspace, organ: str, split_hash: str = "toy-split") -> SliceSet:
+    """A synthetic pool by the gen contract (48 px: a different size from the store)."""
+    s = make_toy_slice_set(n_patients=12, slices_per_patient=4, size=48, seed=1)
+    table = s.table.copy()
+    near = np.arange(len(table)) % 5 == 0
+    table["source"], table["split"], table["fold"] = "synthetic", "synthetic", -1
+    table["near_copy"], table["generator_id"] = near, "toy-gan-1"
+    images = s.images.copy()
+    images[near] = NEAR_COPY_HU
+    pool = SliceSet(images, table, {"split_hash": split_hash, "generator_id": "toy-gan-1"})
+    pool.save(ws.synthetic_dir(organ), force=True)
+    (ws.synthetic_dir(organ) / "audit.json").write_text(json.dumps({"near_copies": int(near.sum())}))
+    return pool
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory: pytest.TempPathFactory) -> Workspace:
+    ws = Workspace(tmp_path_factory.mktemp("train_ws"))
+    # 3 store folds merged into 2 by train.folds=2; 40 px store resized to 32 px.
+    make_toy_slice_set(n_patients=24, slices_per_patient=6, size=40, folds=3).save(ws.store_dir)
+    write_pool(ws, ORGAN)
+    return ws
+
+
+class Recorder(TrainHooks):
+    """Keeps what the loop trained on and evaluated; optionally interrupts."""
+
+    def __init__(self, stop_at: tuple[int, int] | None = None) -> None:
+        self.stop_at = stop_at
+        self.plans: list[tuple[int, int, np.ndarray, np.ndarray, np.ndarray]] = []
+        self.evaluated: list[tuple[int, str, np.ndarray, np.ndarray]] = []
+        self.near_copy_trained = 0
+
+    def on_train_epoch(self, organ, fold, epoch, dataset):
+        plan = dataset.plan
+        self.plans.append((fold, epoch, plan.source, plan.index, plan.label))
+        syn = plan.index[plan.source == SYNTHETIC]
+        if len(syn):
+            self.near_copy_trained += int((dataset.synthetic[syn] == NEAR_COPY_HU).all(-1).all(-1).sum())
+
+    def on_evaluate(self, organ, fold, split, index, source):
+        self.evaluated.append((fold, split, index, source))
+
+    def on_epoch_end(self, organ, fold, epoch, metrics):
+        if self.stop_at == (fold, epoch):
+            raise InterruptedError(f"stop after fold {fold} epoch {epoch}")
+
+
+@pytest.fixture(scope="module")
+def real_only(ws: Workspace) -> tuple[Path, Recorder]:
+    rec = Recorder()
+    return train_run(ws, tiny_config(), organs=[ORGAN], hooks=rec), rec
+
+
+@pytest.fixture(scope="module")
+def synthetic_half(ws: Workspace) -> tuple[Path, Recorder]:
+    rec = Recorder()
+    return train_run(ws, tiny_config(synthetic_ratio=0.5), organs=[ORGAN], hooks=rec), rec
+
+
+def test_run_folder_follows_the_output_contract(ws: Workspace, real_only) -> None:
+    run_dir, _ = real_only
+    assert run_dir == ws.run_dir("real-only")
+    run = json.loads((run_dir / "run.json").read_text())
+    assert run["complete"] is True and run["folds"] == 2 and run["organs"] == [ORGAN]
+    assert run["split_hash"] == "toy-split" and run["synthetic_ratio"] == 0.0
+    for key in ("name", "seed", "model", "image_size", "windows", "epoch_size", "epochs", "generators"):
+        assert key in run
+    assert (run_dir / "config.yaml").exists()
+    organ_dir = run_dir / ORGAN
+    for k in range(2):
+        fold_dir = organ_dir / f"fold_{k}"
+        config = json.loads((fold_dir / "config.json").read_text())
+        assert config["architecture"] == "mobilenetv2_050" and config["in_chans"] == 1
+        assert config["image_size"] == 32 and config["windows"] == [[40, 400]] and len(config["mean"]) == 1
+        assert (fold_dir / "model.safetensors").exists()
+        metrics = pd.read_csv(fold_dir / "metrics.csv")
+        assert list(metrics.columns) == ["epoch", "train_loss", "val_loss", "val_auc", "lr", "seconds",
+                                         "slices_per_s"]
+        assert len(metrics) == 2 and not (fold_dir / "last").exists()
+    assert (organ_dir / "learning_curve.png").stat().st_size > 0
+    columns = {
+        "oof.csv": ["patient_id", "series_id", "instance", "fold", "label", "prob"],
+        "test_folds.csv": ["patient_id", "series_id", "instance", "label", "fold", "prob"],
+        "test_slices.csv": ["patient_id", "series_id", "instance", "label", "prob"],
+        "test_patients.csv": ["patient_id", "label", "grade", "prob", "prob_fold_0", "prob_fold_1"],
+        "oof_patients.csv": ["patient_id", "fold", "label", "grade", "prob"],
+    }
+    frames = {name: pd.read_csv(organ_dir / name) for name in columns}
+    for name, cols in columns.items():
+        assert list(frames[name].columns) == cols, name
+    # The ensemble is the mean of the fold models; the patient score is the max slice (aggregate=max).
+    folds = frames["test_folds.csv"].groupby(["series_id", "instance"])["prob"].mean()
+    slices = frames["test_slices.csv"].set_index(["series_id", "instance"])["prob"]
+    assert np.allclose(slices.sort_index(), folds.sort_index(), atol=1e-6)
+    patients = frames["test_patients.csv"].set_index("patient_id")
+    assert np.allclose(frames["test_slices.csv"].groupby("patient_id")["prob"].max(), patients["prob"])
+    store = SliceSet.load(ws.store_dir).table
+    grade = store.groupby("patient_id")["liver_patient"].max()
+    assert (patients["grade"] == grade[patients.index]).all()
+    assert (patients["label"] == (patients["grade"] > 0)).all()
+    assert len(frames["test_slices.csv"]) == int((store["split"] == "test").sum())
+
+
+def test_patients_never_cross_folds_or_reach_test(ws: Workspace, real_only) -> None:
+    run_dir, rec = real_only
+    store = SliceSet.load(ws.store_dir).table
+    oof = pd.read_csv(run_dir / ORGAN / "oof.csv")
+    assert (oof.groupby("patient_id")["fold"].nunique() == 1).all()
+    store_fold = store.groupby("patient_id")["fold"].first()
+    oof_fold = oof.groupby("patient_id")["fold"].first()
+    assert (oof_fold.to_numpy() == store_fold[oof_fold.index].to_numpy() % 2).all()
+    test_patients = set(store.loc[store["split"] == "test", "patient_id"])
+    assert test_patients.isdisjoint(oof["patient_id"])
+    assert set(pd.read_csv(run_dir / ORGAN / "test_patients.csv")["patient_id"]) == test_patients
+    # Training samples never come from the validation fold or the test set.
+    for fold, _, source, index, _ in rec.plans:
+        trained = set(store.loc[index[source == REAL], "patient_id"])
+        val = set(oof.loc[oof["fold"] == fold, "patient_id"])
+        assert trained.isdisjoint(val) and trained.isdisjoint(test_patients)
+
+
+def test_synthetic_share_balance_and_isolation(ws: Workspace, real_only, synthetic_half) -> None:
+    run_dir, rec = synthetic_half
+    assert run_dir.name == "synthetic-0.5"
+    store = SliceSet.load(ws.store_dir).table
+    assert len(rec.plans) == 4  # 2 folds x 2 epochs
+    for _, _, source, _, label in rec.plans:
+        assert (source == SYNTHETIC).mean() == 0.5
+        for s in (REAL, SYNTHETIC):
+            assert label[source == s].mean() == 0.5
+    assert rec.near_copy_trained == 0
+    # Validation and test evaluate real store rows only: the right fold, then the test split.
+    for fold, split, index, source in rec.evaluated:
+        assert (source == REAL).all()
+        rows = store.iloc[index]
+        if split == "val":
+            assert (rows["split"] == "train").all() and (rows["fold"] % 2 == fold).all()
+        else:
+            assert (rows["split"] == "test").all() and len(rows) == int((store["split"] == "test").sum())
+    # The same optimizer steps and samples as the real-only run; half of them synthetic.
+    for k in range(2):
+        syn = json.loads((run_dir / ORGAN / f"fold_{k}" / "summary.json").read_text())
+        real = json.loads((real_only[0] / ORGAN / f"fold_{k}" / "summary.json").read_text())
+        assert syn["optimizer_steps"] == real["optimizer_steps"] == 2 * 2  # 32 samples / batch 16, 2 epochs
+        assert syn["train_samples"] == real["train_samples"] == 64
+        assert syn["synthetic_samples"] == 32 and real["synthetic_samples"] == 0
+    generators = json.loads((run_dir / "run.json").read_text())["generators"]
+    assert generators[ORGAN]["generator_id"] == "toy-gan-1"
+    assert generators[ORGAN]["audit"] == {"near_copies": 10}
+
+
+def _predictions(run_dir: Path) -> pd.DataFrame:
+    organ_dir = run_dir / ORGAN
+    return pd.concat([pd.read_csv(organ_dir / "test_folds.csv"), pd.read_csv(organ_dir / "oof.csv")])
+
+
+def test_same_seed_same_predictions_and_resume_matches_uninterrupted(ws: Workspace) -> None:
+    cfg = tiny_config(epochs=3)
+    reference = _predictions(train_run(ws, cfg, name="ref", organs=[ORGAN]))
+
+    # Interrupted in fold 1 after epoch 1 (fold 0 finished), then resumed.
+    with pytest.raises(InterruptedError):
+        train_run(ws, cfg, name="cut", organs=[ORGAN], hooks=Recorder(stop_at=(1, 1)))
+    cut_dir = ws.run_dir("cut")
+    assert json.loads((cut_dir / "run.json").read_text())["complete"] is False
+    assert (cut_dir / ORGAN / "fold_1" / "last").exists()
+    rec = Recorder()
+    train_run(ws, cfg, name="cut", organs=[ORGAN], resume=True, hooks=rec)
+    assert [(f, e) for f, e, *_ in rec.plans] == [(1, 2)]  # only what was left
+    pd.testing.assert_frame_equal(_predictions(cut_dir), reference)
+    metrics = pd.read_csv(cut_dir / ORGAN / "fold_1" / "metrics.csv")
+    assert list(metrics["epoch"]) == [0, 1, 2]
+
+    seed1 = load_config("default", {**cfg.to_dict(), "seed": 1})
+    other = _predictions(train_run(ws, seed1, name="seed1", organs=[ORGAN]))
+    assert not np.allclose(other["prob"], reference["prob"])
+
+
+def test_existing_run_is_refused_without_force_or_resume(ws: Workspace, real_only) -> None:
+    with pytest.raises(ToolkitError, match=r"run 'real-only' already exists .* --resume .* --force"):
+        train_run(ws, tiny_config(), organs=[ORGAN])
+    with pytest.raises(ToolkitError, match="not both"):
+        train_run(ws, tiny_config(), organs=[ORGAN], resume=True, force=True)
+    with pytest.raises(ToolkitError, match=r"cannot resume run 'real-only': train.lr"):
+        train_run(ws, tiny_config(lr=1e-2), organs=[ORGAN], resume=True)
+
+
+def test_bad_inputs_are_one_line_errors(ws: Workspace, tmp_path: Path) -> None:
+    with pytest.raises(ToolkitError, match=r"train.folds=4 but the store has 3 folds"):
+        train_run(ws, tiny_config(folds=4), name="x", organs=[ORGAN])
+    other = Workspace(tmp_path / "other")
+    SliceSet.load(ws.store_dir).save(other.store_dir)
+    write_pool(other, ORGAN, split_hash="another-split")
+    with pytest.raises(ToolkitError, match=r"made for split another-split but the store's split is toy-split"):
+        train_run(other, tiny_config(synthetic_ratio=0.5), organs=[ORGAN])
+    leaky = make_toy_slice_set(n_patients=24, slices_per_patient=6, size=40, folds=3)
+    leaky.table.loc[0, "fold"] = 2  # patient 1000 now sits in folds 0 and 2
+    leaky.save(tmp_path / "leaky" / "store")
+    with pytest.raises(ToolkitError, match=r"patient 1000 .* two folds"):
+        train_run(Workspace(tmp_path / "leaky"), tiny_config(), organs=[ORGAN])
+
+
+def test_cli_reports_a_missing_synthetic_pool_in_one_line(ws: Workspace) -> None:
+    from toolkit.cli import app
+
+    result = CliRunner().invoke(
+        app, ["train", "-w", str(ws.root), "--organ", "kidney", "--synthetic-ratio", "0.5", "--no-pretrained"]
+    )
+    assert result.exit_code == 2
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert lines == [f"error: no synthetic slices for kidney in {ws.synthetic_dir('kidney')}: "
+                     "run `toolkit gen --organ kidney` or pass --synthetic-ratio 0"]
+    help_text = " ".join(CliRunner().invoke(app, ["train", "--help"]).output.split())
+    assert "fraction of every epoch's training samples drawn from synthetic" in help_text

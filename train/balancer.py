@@ -1,0 +1,190 @@
+"""The balancer: which slices make up each training epoch.
+
+The synthetic ratio
+-------------------
+``r = cfg.train.synthetic_ratio`` is **the fraction of every epoch's training samples
+drawn from the organ's synthetic pool**. Every epoch holds exactly
+``E = cfg.train.epoch_size`` samples, whatever ``r``::
+
+    n_synthetic = 2 * round(r * E / 2)     half injured, half healthy
+    n_real      = E - n_synthetic          half injured, half healthy (real slices of the training folds)
+
+so every ``r`` makes the same number of optimizer steps, the classes are balanced 1:1
+overall and within each source, and ``r = 0`` is the count-matched real-only baseline
+(the minority class is repeated to reach ``E / 2``).
+
+Drawing within one class (``m`` samples from ``n`` candidates) takes whole shuffled
+passes over the candidates, then ``m mod n`` of them without replacement, so no slice
+repeats more than ``ceil(m / n)`` times. Synthetic slices may repeat at most
+``cfg.train.synthetic_max_repeat`` times per epoch: a pool with fewer than
+``ceil(m / max_repeat)`` usable slices of a class is refused with the ``toolkit gen``
+command that makes enough. Real slices may repeat as often as needed (that is what
+count-matching the minority class means).
+
+Sampling uses ``np.random.default_rng([seed, fold, epoch])``: the plan of an epoch
+depends on nothing else, which makes interrupted runs resume exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from toolkit.errors import ToolkitError
+
+REAL: int = 0
+SYNTHETIC: int = 1
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """The samples of one epoch, in training order.
+
+    Attributes
+    ----------
+    source : ndarray of shape (epoch_size,), dtype=int8
+        ``REAL`` (0) or ``SYNTHETIC`` (1).
+    index : ndarray of shape (epoch_size,), dtype=int64
+        Row of the real store (``source == REAL``) or of the synthetic pool.
+    label : ndarray of shape (epoch_size,), dtype=float32
+        Binary injury label (1 = injured).
+    """
+
+    source: np.ndarray
+    index: np.ndarray
+    label: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+
+def split_counts(epoch_size: int, ratio: float) -> tuple[int, int]:
+    """Per-class sample counts ``(real, synthetic)`` of one epoch; see the module docstring."""
+    n_synthetic = 2 * int(round(ratio * epoch_size / 2))
+    n_real = epoch_size - n_synthetic
+    return n_real // 2, n_synthetic // 2
+
+
+def gen_command_count(per_class: int, near_copy_fraction: float = 0.0) -> int:
+    """Slices ``toolkit gen --n`` must write so that ``per_class`` usable ones of each class remain."""
+    keep = max(1.0 - near_copy_fraction, 0.05)
+    return int(math.ceil(2 * per_class / keep))
+
+
+def _draw(rng: np.random.Generator, candidates: np.ndarray, m: int) -> np.ndarray:
+    """``m`` items of ``candidates``: whole shuffled passes, then a partial one without replacement."""
+    if m == 0:
+        return np.empty(0, dtype=np.int64)
+    passes, rest = divmod(m, len(candidates))
+    parts = [rng.permutation(candidates) for _ in range(passes)]
+    parts.append(rng.choice(candidates, size=rest, replace=False))
+    return np.concatenate(parts).astype(np.int64)
+
+
+class Balancer:
+    """Builds each epoch's class-balanced mix of real and synthetic slices for one fold.
+
+    Parameters
+    ----------
+    real_index : ndarray of shape (n_real,), dtype=int64
+        Store rows of the real slices allowed in training (the training folds only).
+    real_labels : ndarray of shape (n_real,)
+        Their binary labels.
+    synthetic_labels : ndarray of shape (n_synthetic,), optional
+        Binary labels of the usable synthetic pool (near copies already removed);
+        ``plan().index`` of synthetic samples refers to positions in this array.
+    epoch_size : int
+        Samples per epoch, even.
+    ratio : float
+        The synthetic ratio ``r`` in [0, 1].
+    seed, fold : int
+        Seed the per-epoch generator together with the epoch.
+    max_repeat : int, default=4
+        Most times one synthetic slice may appear in one epoch.
+    organ : str
+        Named in error messages.
+    near_copy_fraction : float, default=0.0
+        Share of the synthetic pool flagged as near copies (sizes the suggested ``toolkit gen --n``).
+    """
+
+    def __init__(
+        self,
+        real_index: np.ndarray,
+        real_labels: np.ndarray,
+        synthetic_labels: np.ndarray | None = None,
+        *,
+        epoch_size: int,
+        ratio: float,
+        seed: int,
+        fold: int,
+        max_repeat: int = 4,
+        organ: str = "organ",
+        near_copy_fraction: float = 0.0,
+    ) -> None:
+        if not 0.0 <= ratio <= 1.0:
+            raise ToolkitError(f"train.synthetic_ratio must lie in [0, 1], got {ratio}")
+        if epoch_size < 2 or epoch_size % 2:
+            raise ToolkitError(f"train.epoch_size must be an even number >= 2, got {epoch_size}")
+        if max_repeat < 1:
+            raise ToolkitError(f"train.synthetic_max_repeat must be >= 1, got {max_repeat}")
+        self.real_index = np.asarray(real_index, dtype=np.int64)
+        real_labels = np.asarray(real_labels) > 0
+        if len(real_labels) != len(self.real_index):
+            raise ToolkitError(
+                f"balancer got {len(self.real_index)} real rows but {len(real_labels)} labels"
+            )
+        self.epoch_size = int(epoch_size)
+        self.ratio = float(ratio)
+        self.seed = int(seed)
+        self.fold = int(fold)
+        self.organ = organ
+        self.real_per_class, self.synthetic_per_class = split_counts(self.epoch_size, self.ratio)
+
+        self._real = (self.real_index[~real_labels], self.real_index[real_labels])
+        n_neg, n_pos = (len(c) for c in self._real)
+        if self.real_per_class and (n_pos == 0 or n_neg == 0):
+            raise ToolkitError(
+                f"the training folds of fold {fold} hold {n_pos} injured and {n_neg} healthy real "
+                f"{organ} slices; both classes are needed: skip this organ (--organ) or use fewer folds (--folds)"
+            )
+
+        self._synthetic: tuple[np.ndarray, np.ndarray] | None = None
+        if self.synthetic_per_class:
+            if synthetic_labels is None:
+                raise ToolkitError(
+                    f"synthetic ratio {ratio:g} needs a synthetic pool for {organ}: "
+                    f"run `toolkit gen --organ {organ}` or pass --synthetic-ratio 0"
+                )
+            syn = np.asarray(synthetic_labels) > 0
+            self._synthetic = (np.flatnonzero(~syn), np.flatnonzero(syn))
+            need = math.ceil(self.synthetic_per_class / max_repeat)
+            have = {name: len(c) for name, c in zip(("healthy", "injured"), self._synthetic)}
+            if min(have.values()) < need:
+                n = gen_command_count(need, near_copy_fraction)
+                raise ToolkitError(
+                    f"synthetic pool for {organ} has {have['injured']} injured and {have['healthy']} healthy "
+                    f"usable slices; ratio {ratio:g} x epoch_size {epoch_size} needs >= {need} of each "
+                    f"(each used <= {max_repeat} times per epoch): run `toolkit gen --organ {organ} --n {n}`"
+                )
+
+    def plan(self, epoch: int) -> EpochPlan:
+        """The shuffled samples of ``epoch`` (depends only on seed, fold and epoch)."""
+        rng = np.random.default_rng([self.seed, self.fold, int(epoch)])
+        sources, indices, labels = [], [], []
+        pools = [(REAL, self._real, self.real_per_class)]
+        if self._synthetic is not None:
+            pools.append((SYNTHETIC, self._synthetic, self.synthetic_per_class))
+        for source, (healthy, injured), per_class in pools:
+            for label, candidates in ((0, healthy), (1, injured)):
+                drawn = _draw(rng, candidates, per_class)
+                indices.append(drawn)
+                sources.append(np.full(len(drawn), source, dtype=np.int8))
+                labels.append(np.full(len(drawn), label, dtype=np.float32))
+        order = rng.permutation(self.epoch_size)
+        return EpochPlan(
+            source=np.concatenate(sources)[order],
+            index=np.concatenate(indices)[order],
+            label=np.concatenate(labels)[order],
+        )

@@ -1,0 +1,247 @@
+"""Slices in, batches out: in-memory resizing, datasets, windowing, augmentation.
+
+HU slices are resized once to ``cfg.train.image_size`` and kept in memory as int16
+(``resize_hu``), so the training loop never touches the memory-mapped store or
+resizes again. Windowing (:func:`toolkit.transforms.window_hu`), augmentation and
+normalisation happen per batch in :class:`SliceCollate`, which runs inside the
+DataLoader (and its workers, when ``num_workers > 0``).
+
+Every class here is module-level so DataLoader workers can be spawned (macOS, Windows).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from toolkit.transforms import resize_slices, window_hu
+from train.balancer import REAL, Balancer, EpochPlan
+
+_CHUNK = 512  # slices resized per step: bounds the float32 working copy
+
+
+def resize_hu(images: np.ndarray, size: int, rows: np.ndarray | None = None) -> np.ndarray:
+    """Resize HU slices to ``(size, size)`` into memory, chunk by chunk.
+
+    Parameters
+    ----------
+    images : ndarray of shape (n, H, W)
+        Hounsfield units; may be a memory map (only ``rows`` are read).
+    size : int
+        Output pixels per side.
+    rows : ndarray of shape (m,), optional
+        Rows to read (default: all).
+
+    Returns
+    -------
+    ndarray of shape (m, size, size), dtype=int16
+        Rounded HU, so memory stays at 2 bytes per pixel.
+    """
+    rows = np.arange(len(images)) if rows is None else np.asarray(rows, dtype=np.int64)
+    out = np.empty((len(rows), size, size), dtype=np.int16)
+    for start in range(0, len(rows), _CHUNK):
+        chunk = np.asarray(images[rows[start : start + _CHUNK]], dtype=np.float32)
+        out[start : start + len(chunk)] = np.round(resize_slices(chunk, size)).astype(np.int16)
+    return out
+
+
+class RandSliceAugment:
+    """Random affine + intensity + cutout on a batch of windowed slices (tensors in [0, 1]).
+
+    Per sample: rotation in ``[-degrees, degrees]``, isotropic scale in ``scale``, shift up
+    to ``translate`` of the side, brightness shift up to ``brightness``, contrast factor in
+    ``contrast``, and with probability ``cutout_p`` one square of side ``cutout`` x H set to 0.
+
+    Parameters
+    ----------
+    degrees, scale, translate, brightness, contrast, cutout_p, cutout :
+        Ranges as above.
+    """
+
+    def __init__(
+        self,
+        degrees: float = 10.0,
+        scale: tuple[float, float] = (0.9, 1.1),
+        translate: float = 0.06,
+        brightness: float = 0.1,
+        contrast: tuple[float, float] = (0.85, 1.15),
+        cutout_p: float = 0.5,
+        cutout: float = 0.2,
+    ) -> None:
+        self.degrees = degrees
+        self.scale = scale
+        self.translate = translate
+        self.brightness = brightness
+        self.contrast = contrast
+        self.cutout_p = cutout_p
+        self.cutout = cutout
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """x : tensor of shape (B, C, H, W), float32 in [0, 1] -> same shape."""
+        b, _, h, w = x.shape
+
+        def uniform(low: float, high: float) -> torch.Tensor:
+            return torch.rand(b, generator=generator) * (high - low) + low
+
+        angle = uniform(-self.degrees, self.degrees) * (math.pi / 180.0)
+        scale = uniform(*self.scale)
+        shift = torch.stack([uniform(-self.translate, self.translate) for _ in range(2)], 1) * 2.0
+        cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+        theta = torch.stack(
+            [torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1
+        )
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+        gain = uniform(*self.contrast).view(b, 1, 1, 1)
+        offset = uniform(-self.brightness, self.brightness).view(b, 1, 1, 1)
+        mean = x.mean(dim=(1, 2, 3), keepdim=True)
+        x = ((x - mean) * gain + mean + offset).clamp_(0.0, 1.0)
+
+        half = self.cutout * h / 2.0
+        cy, cx = uniform(0, h), uniform(0, w)
+        keep = torch.rand(b, generator=generator) >= self.cutout_p
+        yy = torch.arange(h, dtype=torch.float32).view(1, h, 1)
+        xx = torch.arange(w, dtype=torch.float32).view(1, 1, w)
+        hole = ((yy - cy.view(b, 1, 1)).abs() < half) & ((xx - cx.view(b, 1, 1)).abs() < half)
+        hole &= ~keep.view(b, 1, 1)
+        return x * (~hole).unsqueeze(1).to(x.dtype)
+
+
+class SliceDataset(Dataset):
+    """Slices listed by ``(source, index)`` from an in-memory real array and an optional synthetic one.
+
+    Parameters
+    ----------
+    real : ndarray of shape (n_real, S, S), dtype=int16
+        Resized HU of the real store (``resize_hu``); ``index`` of REAL samples are its rows.
+    synthetic : ndarray of shape (n_syn, S, S), dtype=int16, optional
+        Resized HU of the usable synthetic pool.
+    source, index, label : ndarray of shape (n,)
+        What each item is (see :class:`train.balancer.EpochPlan`).
+    seeds : ndarray of shape (n,), dtype=int64, optional
+        Augmentation seed of each item (the batch uses its first item's).
+
+    Items are ``(hu (S, S) int16 tensor, label, index, source, seed)``.
+    """
+
+    def __init__(
+        self,
+        real: np.ndarray,
+        synthetic: np.ndarray | None,
+        source: np.ndarray,
+        index: np.ndarray,
+        label: np.ndarray,
+        seeds: np.ndarray | None = None,
+    ) -> None:
+        # Tensors share their storage with DataLoader workers instead of being copied to each.
+        self.real = torch.from_numpy(np.ascontiguousarray(real))
+        self.synthetic = None if synthetic is None else torch.from_numpy(np.ascontiguousarray(synthetic))
+        self._set_items(source, index, label, seeds)
+
+    def _set_items(
+        self, source: np.ndarray, index: np.ndarray, label: np.ndarray, seeds: np.ndarray | None
+    ) -> None:
+        self.source = np.asarray(source, dtype=np.int8)
+        self.index = np.asarray(index, dtype=np.int64)
+        self.label = np.asarray(label, dtype=np.float32)
+        self.seeds = np.zeros(len(self.index), np.int64) if seeds is None else np.asarray(seeds, np.int64)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, float, int, int, int]:
+        images = self.real if self.source[i] == REAL else self.synthetic
+        return (
+            images[self.index[i]],
+            float(self.label[i]),
+            int(self.index[i]),
+            int(self.source[i]),
+            int(self.seeds[i]),
+        )
+
+
+class BalancedEpochDataset(SliceDataset):
+    """The training set of one fold: :meth:`set_epoch` draws that epoch's plan from a :class:`Balancer`."""
+
+    def __init__(
+        self, real: np.ndarray, synthetic: np.ndarray | None, balancer: Balancer, seed: int
+    ) -> None:
+        self.balancer = balancer
+        self.seed = int(seed)
+        self.plan: EpochPlan | None = None
+        super().__init__(real, synthetic, np.zeros(0), np.zeros(0), np.zeros(0))
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        self.plan = self.balancer.plan(epoch)
+        rng = np.random.default_rng([self.seed, self.balancer.fold, self.epoch, 1])
+        seeds = rng.integers(0, 2**62, size=len(self.plan))
+        self._set_items(self.plan.source, self.plan.index, self.plan.label, seeds)
+
+
+class SliceCollate:
+    """Stack items, window HU into channels, augment (training) and normalise.
+
+    Parameters
+    ----------
+    windows : sequence of (level, width)
+        One channel per window (:func:`toolkit.transforms.window_hu`).
+    mean, std : sequence of float, one per channel
+        Normalisation of the windowed [0, 1] values (the model's ``pretrained_cfg``).
+    augment : RandSliceAugment, optional
+        Applied with a generator seeded by the batch's first item.
+
+    Returns a dict: ``x`` (B, C, S, S) float32, ``y`` (B,) float32, ``index`` (B,) int64,
+    ``source`` (B,) int64.
+    """
+
+    def __init__(
+        self,
+        windows: Sequence[Sequence[float]],
+        mean: Sequence[float],
+        std: Sequence[float],
+        augment: RandSliceAugment | None = None,
+    ) -> None:
+        self.windows = [tuple(float(v) for v in w) for w in windows]
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+        self.augment = augment
+
+    def __call__(self, items: list[tuple[torch.Tensor, float, int, int, int]]) -> dict[str, torch.Tensor]:
+        hu = torch.stack([item[0] for item in items]).numpy()
+        x = torch.from_numpy(window_hu(hu, self.windows))
+        if self.augment is not None:
+            generator = torch.Generator().manual_seed(items[0][4])
+            x = self.augment(x, generator)
+        x = (x - self.mean) / self.std
+        return {
+            "x": x.contiguous(),
+            "y": torch.tensor([item[1] for item in items], dtype=torch.float32),
+            "index": torch.tensor([item[2] for item in items], dtype=torch.int64),
+            "source": torch.tensor([item[3] for item in items], dtype=torch.int64),
+        }
+
+
+def create_loader(
+    dataset: SliceDataset,
+    collate: SliceCollate,
+    batch_size: int,
+    num_workers: int = 0,
+) -> DataLoader:
+    """A DataLoader in dataset order (training order is already shuffled by the balancer)."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        drop_last=False,
+        num_workers=num_workers,
+        collate_fn=collate,
+        persistent_workers=False,  # workers re-read the dataset each epoch, after set_epoch
+    )
