@@ -80,6 +80,9 @@ def compare(
     result = json.loads((out / "report.json").read_text())
     for note in result["notes"]:
         console.print(f"[yellow]note:[/] {note}")
+    for organ, res in result["organs"].items():
+        if res["note"]:
+            console.print(f"[yellow]note:[/] {organ}: {res['note']}")
     if result["settings_mismatch"]:
         console.print(
             "[bold red]WARNING: runs differ in "

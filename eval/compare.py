@@ -17,7 +17,6 @@ above 0 *and* p < alpha, "worse" the mirror image, otherwise "no evidence of cha
 
 from __future__ import annotations
 
-import logging
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,8 +31,6 @@ from toolkit import ORGANS
 from toolkit.config import Config, save_config
 from toolkit.errors import ToolkitError
 from toolkit.workspace import Workspace
-
-logger = logging.getLogger(__name__)
 
 IMPROVED = "improved"
 WORSE = "worse"
@@ -371,6 +368,4 @@ def compare_runs(
     report.write_markdown(result, out_dir / "report.md", images)
     report.write_html(result, out_dir / "report.html", images)
     save_config(cfg, out_dir / "config.yaml")
-    for note in notes:
-        logger.warning(note)
     return out_dir

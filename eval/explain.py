@@ -39,20 +39,45 @@ TRUTH_DIR = "phantom_truth"
 # --------------------------------------------------------------------------- selection + truth
 
 
-def select_slices(store: SliceSet, organ: str, n: int, seed: int) -> np.ndarray:
-    """Row indices of ``n`` test slices: injured slices first (random order, seeded), then healthy ones."""
+def select_slices(store: SliceSet, organ: str, n: int, seed: int, visible: np.ndarray | None = None) -> np.ndarray:
+    """Row indices of ``n`` test slices, injured first, in a seeded random order within each tier.
+
+    Tiers: slices whose ground truth shows the injury (``visible``, when truth exists), then
+    the other slices labelled injured (for kidney/liver/spleen a slice inherits its patient's
+    label, so many show no lesion), then healthy slices.
+    """
     table = store.table
     if "split" not in table.columns or organ not in table.columns:
         raise ToolkitError(f"store manifest lacks 'split' or '{organ}'; re-run `toolkit prepare`")
     test = table["split"].to_numpy() == "test"
-    injured = np.flatnonzero(test & (table[organ].to_numpy() > 0))
-    healthy = np.flatnonzero(test & (table[organ].to_numpy() == 0))
-    if len(injured) + len(healthy) == 0:
-        raise ToolkitError(
-            "the store has no test slices; re-run `toolkit prepare` with data.test_fraction > 0"
-        )
+    if not test.any():
+        raise ToolkitError("the store has no test slices; re-run `toolkit prepare` with data.test_fraction > 0")
+    injured = table[organ].to_numpy() > 0
+    visible = np.zeros(len(table), bool) if visible is None else np.asarray(visible, bool)
     rng = np.random.default_rng(seed)
-    return np.r_[rng.permutation(injured), rng.permutation(healthy)][:n].astype(np.int64)
+    tiers = [test & visible, test & injured & ~visible, test & ~injured & ~visible]
+    return np.concatenate([rng.permutation(np.flatnonzero(tier)) for tier in tiers])[:n].astype(np.int64)
+
+
+def injury_visible(data_dir: Path, table: pd.DataFrame, organ: str, rows: np.ndarray) -> np.ndarray | None:
+    """Bool per store row: does the ground truth show ``organ``'s injury on that slice? None without truth."""
+    from toolkit.data.phantom_anatomy import ORGAN_CODES
+
+    truth_dir = data_dir / TRUTH_DIR
+    if not truth_dir.is_dir():
+        return None
+    code = ORGAN_CODES[organ]
+    out = np.zeros(len(table), bool)
+    sub = table.iloc[rows]
+    for series_id, part in sub.groupby("series_id"):
+        path = truth_dir / f"{int(series_id)}.npz"
+        if not path.exists():
+            continue
+        with np.load(path) as truth:
+            has = (truth["injury"] == code).any(axis=(1, 2))
+            by_instance = dict(zip(truth["instance_number"].tolist(), has.tolist(), strict=True))
+        out[part.index.to_numpy()] = [by_instance.get(int(i), False) for i in part["instance"]]
+    return out
 
 
 def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
@@ -65,9 +90,7 @@ def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
     return mask[np.ix_(idx, idx)]
 
 
-def load_truth(
-    data_dir: Path, rows: pd.DataFrame, organ: str, size: int
-) -> list[dict[str, np.ndarray] | None]:
+def load_truth(data_dir: Path, rows: pd.DataFrame, organ: str, size: int) -> list[dict[str, np.ndarray] | None]:
     """Organ and injury masks (bool, (size, size)) per slice row, None where no truth file/slice exists."""
     from toolkit.data.phantom_anatomy import ORGAN_CODES
 
@@ -215,9 +238,7 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
 # --------------------------------------------------------------------------- figures
 
 
-def _overlay_png(
-    path: Path, ct: np.ndarray, cam: np.ndarray, truth: dict[str, np.ndarray] | None, title: str
-) -> None:
+def _overlay_png(path: Path, ct: np.ndarray, cam: np.ndarray, truth: dict[str, np.ndarray] | None, title: str) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -238,9 +259,7 @@ def _overlay_png(
     fig.savefig(path)
 
 
-def _grid_png(
-    path: Path, cts: np.ndarray, cams: dict[str, np.ndarray], rows: pd.DataFrame, organ: str
-) -> None:
+def _grid_png(path: Path, cts: np.ndarray, cams: dict[str, np.ndarray], rows: pd.DataFrame, organ: str) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -267,9 +286,7 @@ def _grid_png(
     fig.savefig(path)
 
 
-def _markdown(
-    run: str, organ: str, summary: dict[str, Any], records: list[dict[str, Any]], has_truth: bool
-) -> str:
+def _markdown(run: str, organ: str, summary: dict[str, Any], records: list[dict[str, Any]], has_truth: bool) -> str:
     def f(x: Any) -> str:
         return "n/a" if x is None else f"{x:.2f}"
 
@@ -364,7 +381,9 @@ def explain_runs(
                 f"run '{run.name}' was trained on split {run.meta.get('split_hash')} but the store has "
                 f"{store_hash}; its test slices are not this store's"
             )
-    rows_idx = select_slices(store, organ, int(cfg.eval.explain_slices), cfg.seed)
+    test_rows = np.flatnonzero(store.table["split"].to_numpy() == "test") if "split" in store.table else []
+    visible = injury_visible(ws.data_dir, store.table, organ, test_rows)
+    rows_idx = select_slices(store, organ, int(cfg.eval.explain_slices), cfg.seed, visible)
     rows = store.table.iloc[rows_idx].reset_index(drop=True)
     hu = np.asarray(store.images[rows_idx])
 
@@ -408,9 +427,7 @@ def explain_runs(
             _overlay_png(out / name, ct[i], cams[i], truth[i], title)
         summary[run.name] = summarise(records)
         (out / "explain.json").write_text(
-            json.dumps(
-                {"run": run.name, "organ": organ, "summary": summary[run.name], "slices": records}, indent=2
-            )
+            json.dumps({"run": run.name, "organ": organ, "summary": summary[run.name], "slices": records}, indent=2)
         )
         (out / "explain.md").write_text(_markdown(run.name, organ, summary[run.name], records, has_truth))
         save_config(cfg, out / "config.yaml")

@@ -41,6 +41,13 @@ def _f(x: Any, digits: int = 3) -> str:
     return f"{x:.{digits}f}"
 
 
+def _num(x: Any) -> str:
+    """Audit figures: counts as integers, anything else to 4 significant digits."""
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "n/a"
+    return str(int(x)) if float(x).is_integer() and abs(x) < 1e12 else f"{x:.4g}"
+
+
 def _p(p: Any) -> str:
     if p is None or (isinstance(p, float) and not math.isfinite(p)):
         return "n/a"
@@ -225,7 +232,7 @@ def build_blocks(result: dict[str, Any]) -> list[Block]:
             gens = res["generators"]
             keys = sorted({k for g in gens.values() for k in g["audit"]})
             rows = [["generator"] + [str(g["generator_id"] or "n/a") for g in gens.values()]]
-            rows += [[k] + [_f(g["audit"].get(k), 4) for g in gens.values()] for k in keys]
+            rows += [[k] + [_num(g["audit"].get(k)) for g in gens.values()] for k in keys]
             blocks.append(("table", ["figure"] + list(gens), rows))
             for name, g in gens.items():
                 if g.get("summary"):

@@ -32,8 +32,8 @@ def test_every_ratio_gives_the_same_epoch_size_balanced_within_each_source(ratio
     # Real samples come only from the rows handed in (the training folds) with their true labels.
     real = plan.source == REAL
     assert set(plan.index[real]) <= set(index)
-    lookup = dict(zip(index, labels))
-    assert all(lookup[i] == y for i, y in zip(plan.index[real], plan.label[real]))
+    lookup = dict(zip(index, labels, strict=True))
+    assert all(lookup[i] == y for i, y in zip(plan.index[real], plan.label[real], strict=True))
     assert (synthetic[plan.index[is_syn]] == plan.label[is_syn]).all()
 
 

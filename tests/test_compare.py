@@ -177,8 +177,9 @@ def test_compare_writes_reports_and_verdicts(tmp_path):
     md = (out / "report.md").read_text()
     assert "improved" in md and "Methods" in md
     audit = md.split("Generator audit")[1].split("## ")[0]
-    assert "| frechet_distance.synthetic_vs_real | 12.5000 |" in audit
-    assert "| near_copies | 0.0000 |" in audit and "Frechet distance 12.5; diversity 0.42" in audit
+    assert "| figure | same | synthetic-0.5 |" in audit  # one column per synthetic run
+    assert "| frechet_distance.synthetic_vs_real | n/a | 12.5 |" in audit
+    assert "| near_copies | n/a | 0 |" in audit and "Frechet distance 12.5; diversity 0.42" in audit
     assert "per_class" not in audit and "| ok |" not in audit  # deep detail and bools stay in audit.json
     page = (out / "report.html").read_text()
     assert "http://" not in page and "https://" not in page  # readable offline

@@ -16,7 +16,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from eval.explain import explain_runs, last_conv, localisation, resize_mask
+from eval.explain import explain_runs, last_conv, localisation, resize_mask, select_slices
 from eval.predict import predict_study
 from tests.conftest import make_toy_slice_set
 from toolkit.cli import app
@@ -134,6 +134,19 @@ def test_localisation_and_mask_resampling_by_hand():
         last_conv(timm.create_model("mobilenetv2_050", num_classes=1, in_chans=1)).__class__
         is torch.nn.Conv2d
     )
+
+
+def test_select_slices_visible_injury_then_injured_then_healthy():
+    store = make_toy_slice_set(n_patients=12, slices_per_patient=4, size=8)
+    table = store.table
+    test = table["split"].to_numpy() == "test"
+    visible = test & (table["liver"].to_numpy() > 0) & (table["instance"].to_numpy() == 2)
+    rows = select_slices(store, "liver", 50, seed=0, visible=visible)
+    assert set(rows) == set(np.flatnonzero(test))  # only test slices, each once
+    n_vis, n_inj = int(visible.sum()), int((test & (table["liver"].to_numpy() > 0)).sum())
+    assert visible[rows[:n_vis]].all()
+    assert (table["liver"].to_numpy()[rows[:n_inj]] > 0).all()
+    assert (table["liver"].to_numpy()[rows[n_inj:]] == 0).all()
 
 
 def test_explain_writes_overlays_and_localisation(workspace):

@@ -138,7 +138,8 @@ def test_labels_split_and_files(rsna: Path, tmp_path: Path) -> None:
     assert meta["spacing_mm"]["stored_median_row_col"] == [0.8, 0.8]
     assert SliceSet.load(out).table.equals(t)
     summary = summarize_store(store)
-    assert "54 slices of 16x16" in summary and "8 patients" in summary and "2 folds" in summary
+    assert "54 slices of 16x16" in summary and "8 patients" in summary
+    assert "test:  2 patients" in summary and "2 folds" in summary
 
 
 def test_slice_subset_and_resample(rsna: Path, tmp_path: Path) -> None:

@@ -63,7 +63,7 @@ def handle_errors(fn: F) -> F:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(code=2) from None
         except KeyboardInterrupt:
-            typer.echo("interrupted: finished work is kept; re-run with --resume to continue", err=True)
+            typer.echo("interrupted: finished work is kept; re-run the command to continue (gen and train: add --resume)", err=True)
             raise typer.Exit(code=130) from None
 
     return wrapper  # type: ignore[return-value]

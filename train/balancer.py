@@ -160,7 +160,7 @@ class Balancer:
             syn = np.asarray(synthetic_labels) > 0
             self._synthetic = (np.flatnonzero(~syn), np.flatnonzero(syn))
             need = math.ceil(self.synthetic_per_class / max_repeat)
-            have = {name: len(c) for name, c in zip(("healthy", "injured"), self._synthetic)}
+            have = {name: len(c) for name, c in zip(("healthy", "injured"), self._synthetic, strict=True)}
             if min(have.values()) < need:
                 n = gen_command_count(need, near_copy_fraction)
                 raise ToolkitError(

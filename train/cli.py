@@ -96,6 +96,8 @@ def train(
     for column in ("organ", "patients", "injured", "ensemble AUC", "mean single-fold AUC"):
         table.add_column(column)
     for row in summarize_run(run_dir):
-        table.add_row(row.organ, str(row.patients), str(row.injured), f"{row.ensemble_auc:.3f}", f"{row.mean_fold_auc:.3f}")
+        table.add_row(
+            row.organ, str(row.patients), str(row.injured), f"{row.ensemble_auc:.3f}", f"{row.mean_fold_auc:.3f}"
+        )
     console.print(table)
     console.print(f"run folder: {run_dir}")

@@ -160,7 +160,7 @@ def evaluate(model: nn.Module, loader: DataLoader, accelerator: Accelerator) -> 
     for batch in loader:
         out = model(batch["x"]).squeeze(1).float()
         gathered = accelerator.gather_for_metrics((out, batch["y"], batch["index"], batch["source"]))
-        for acc, value in zip((logits, labels, index, source), gathered):
+        for acc, value in zip((logits, labels, index, source), gathered, strict=True):
             acc.append(value.cpu())
     logit = torch.cat(logits)
     label = torch.cat(labels)

@@ -124,7 +124,7 @@ def predict_probs(
         stats.append((mean, std))
     for start in range(0, len(resized), batch_size):
         x = torch.from_numpy(window_hu(resized[start : start + batch_size], windows)).to(device)
-        for m, (model, (mean, std)) in enumerate(zip(models, stats)):
+        for m, (model, (mean, std)) in enumerate(zip(models, stats, strict=True)):
             logits = model((x - mean) / std).squeeze(1).float()
             out[m, start : start + len(x)] = torch.sigmoid(logits).cpu().numpy()
     return out

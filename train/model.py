@@ -129,7 +129,7 @@ def convert_torchvision_mobilenetv2(
             f"{len(reference)}: use --set train.model=mobilenetv2_100 with these weights"
         )
     converted = {}
-    for (src, tensor), (dst, ref) in zip(state_dict.items(), reference.items()):
+    for (src, tensor), (dst, ref) in zip(state_dict.items(), reference.items(), strict=True):
         if tensor.shape != ref.shape:
             raise ToolkitError(
                 f"torchvision weight {src} {tuple(tensor.shape)} does not fit timm '{model_name}' {dst} "

@@ -71,7 +71,9 @@ def check_store(store: SliceSet, organs: list[str], path: Path) -> None:
     need = ["split", "fold", *[c for o in organs for c in (o, f"{o}_patient")]]
     missing = [c for c in need if c not in table.columns]
     if missing:
-        raise ToolkitError(f"{path / MANIFEST_FILE} lacks column(s) {', '.join(missing)}; re-run `toolkit prepare --force`")
+        raise ToolkitError(
+            f"{path / MANIFEST_FILE} lacks column(s) {', '.join(missing)}; re-run `toolkit prepare --force`"
+        )
     bad_split = sorted(set(table["split"].astype(str)) - {"train", "test"})
     if bad_split:
         raise ToolkitError(f"{path / MANIFEST_FILE} column split holds {bad_split}; expected train/test")
@@ -133,7 +135,9 @@ def load_synthetic_pool(ws: Workspace, organ: str, split_hash: str | None, image
         )
     for column in (organ, "near_copy"):
         if column not in pool.table.columns:
-            raise ToolkitError(f"{directory / MANIFEST_FILE} lacks column '{column}'; re-run `toolkit gen --organ {organ}`")
+            raise ToolkitError(
+                f"{directory / MANIFEST_FILE} lacks column '{column}'; re-run `toolkit gen --organ {organ}`"
+            )
     near = pool.table["near_copy"].astype(str).str.lower().isin(["true", "1"]).to_numpy()
     keep = np.flatnonzero(~near)
     audit_path = directory / "audit.json"
@@ -382,7 +386,8 @@ def write_organ_outputs(
 
     patients = []
     for pid, group in ensemble.groupby("patient_id", sort=True):
-        row = {"patient_id": pid, **truth.loc[pid].to_dict(), "prob": aggregate_patient(group["prob"], aggregate, top_k)}
+        prob = aggregate_patient(group["prob"], aggregate, top_k)
+        row = {"patient_id": pid, **truth.loc[pid].to_dict(), "prob": prob}
         per_fold = test[test["patient_id"] == pid]
         for k in folds:
             row[f"prob_fold_{k}"] = aggregate_patient(per_fold.loc[per_fold["fold"] == k, "prob"], aggregate, top_k)

