@@ -46,9 +46,7 @@ def compare(
     seed: SeedOpt = None,
     runs: RunsOpt = None,
     baseline: BaselineOpt = None,
-    name: Annotated[
-        str | None, typer.Option("--name", help="Report folder under reports/ (default: compare).")
-    ] = None,
+    name: Annotated[str | None, typer.Option("--name", help="Report folder under reports/ (default: compare).")] = None,
     bootstrap: Annotated[
         int | None,
         typer.Option("--bootstrap", help="Patient-bootstrap resamples per interval (config eval.bootstrap)."),
@@ -85,9 +83,7 @@ def compare(
             console.print(f"[yellow]note:[/] {organ}: {res['note']}")
     if result["settings_mismatch"]:
         console.print(
-            "[bold red]WARNING: runs differ in "
-            + ", ".join(result["settings_mismatch"])
-            + "; see the report[/]"
+            "[bold red]WARNING: runs differ in " + ", ".join(result["settings_mismatch"]) + "; see the report[/]"
         )
     console.print(summary_table(result))
     console.print(f"report: {out / 'report.html'} (also report.md, report.json)")
@@ -100,9 +96,12 @@ def explain(
     sets: SetOpt = None,
     seed: SeedOpt = None,
     organ: Annotated[
-        str, typer.Option("--organ", "-o", help="Organ whose classifier is explained.")
+        str, typer.Option("--organ", "-o", help="Organ: bowel, extravasation, kidney, liver or spleen.")
     ] = "liver",
-    runs: RunsOpt = None,
+    runs: Annotated[
+        list[str] | None,
+        typer.Option("--runs", "-r", help="Run to explain (repeatable, same slices for each). Default: the baseline."),
+    ] = None,
     slices: Annotated[
         int | None,
         typer.Option("--slices", "-n", help="Test slices to explain, injured first (eval.explain_slices)."),

@@ -18,6 +18,7 @@ above 0 *and* p < alpha, "worse" the mirror image, otherwise "no evidence of cha
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,9 +83,7 @@ def select_runs(ws: Workspace, baseline: str, runs: list[str] | None) -> tuple[l
         names = [baseline] + [n for n in list_runs(ws) if n != baseline]
         partial = [n for n in list_runs(ws, complete_only=False) if n not in names]
         if partial:
-            notes.append(
-                f"skipped incomplete run(s): {', '.join(partial)} (finish with `toolkit train --resume`)"
-            )
+            notes.append(f"skipped incomplete run(s): {', '.join(partial)} (finish with `toolkit train --resume`)")
     loaded = [load_run(ws, n) for n in names]
     for run in loaded:
         if not run.complete:
@@ -94,8 +93,8 @@ def select_runs(ws: Workspace, baseline: str, runs: list[str] | None) -> tuple[l
             )
     if len(loaded) < 2:
         raise ToolkitError(
-            f"nothing to compare: only the baseline '{baseline}' exists in {ws.runs_dir}; "
-            "train a synthetic run, e.g. `toolkit train --synthetic-ratio 0.5`"
+            f"nothing to compare: only the baseline '{baseline}' was found or selected in {ws.runs_dir}; "
+            "train a synthetic run, e.g. `toolkit train --synthetic-ratio 0.5`, or pass --runs NAME"
         )
     return loaded, notes
 
@@ -110,9 +109,7 @@ def check_comparable(runs: list[Run], allow_mismatch: bool = False) -> dict[str,
         )
     mismatch = settings_mismatch(runs)
     if mismatch and not allow_mismatch:
-        parts = "; ".join(
-            f"{k}: " + ", ".join(f"{n}={v}" for n, v in vals.items()) for k, vals in mismatch.items()
-        )
+        parts = "; ".join(f"{k}: " + ", ".join(f"{n}={v}" for n, v in vals.items()) for k, vals in mismatch.items())
         raise ToolkitError(
             f"runs differ in more than the synthetic data ({parts}); retrain with identical settings "
             "or pass --allow-mismatch to compare anyway (recorded in the report)"
@@ -146,14 +143,11 @@ def load_level_scores(runs: list[Run], organ: str) -> dict[str, dict[str, LevelS
         tp = ref_p[["patient_id"]].merge(tp, on="patient_id", how="left")
         if not np.array_equal(tp["label"].to_numpy(), ref_p["label"].to_numpy()):
             raise ToolkitError(
-                f"runs '{base.name}' and '{run.name}' disagree on {organ} test labels; "
-                "retrain on the same store"
+                f"runs '{base.name}' and '{run.name}' disagree on {organ} test labels; retrain on the same store"
             )
         y = tp["label"].to_numpy().astype(np.int64)
         fold_aucs = [metrics.auc(y, tp[c].to_numpy()) for c in _fold_columns(tp)]
-        out["patient"][run.name] = LevelScores(
-            y, tp["prob"].to_numpy(float), tp["patient_id"].to_numpy(), fold_aucs
-        )
+        out["patient"][run.name] = LevelScores(y, tp["prob"].to_numpy(float), tp["patient_id"].to_numpy(), fold_aucs)
 
         ts = run.table(organ, "test_slices")
         merged = ref_s[SLICE_KEYS + ["label"]].merge(ts, on=SLICE_KEYS, how="left", suffixes=("", "_run"))
@@ -180,8 +174,12 @@ def score_level(
     level: str,
     cfg: Config,
     seed: int,
+    on_run: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Every figure of one organ at one level, for every run (baseline first)."""
+    """Every figure of one organ at one level, for every run (baseline first).
+
+    ``on_run(name)`` is called after each run is scored (progress reporting).
+    """
     ev = cfg.eval
     base = scores[baseline]
     groups = None if level == "patient" else base.groups
@@ -217,6 +215,8 @@ def score_level(
                 "verdict": verdict(dci.low, dci.high, test.p, ev.alpha),
             }
         runs_out[name] = entry
+        if on_run is not None:
+            on_run(name)
     return {
         "n": int(len(y)),
         "n_positive": int(y.sum()),
@@ -230,9 +230,7 @@ def rsna_scores(runs: list[Run], organs: list[str]) -> dict[str, dict[str, Any]]
     out = {}
     for run in runs:
         grades, p_inj, p_graded = {}, {}, {}
-        tables = {
-            o: run.table(o, "test_patients").sort_values("patient_id") for o in organs if run.has_organ(o)
-        }
+        tables = {o: run.table(o, "test_patients").sort_values("patient_id") for o in organs if run.has_organ(o)}
         if not tables:
             continue
         common = sorted(set.intersection(*(set(t["patient_id"]) for t in tables.values())))
@@ -273,7 +271,7 @@ def compare_runs(
         Compare runs whose settings differ in more than the synthetic data
         (the differences are recorded in the report).
     progress : rich.progress.Progress, optional
-        Shows one step per organ and run.
+        Shows one step per organ, level (patient, slice) and run.
 
     Returns
     -------
@@ -295,26 +293,35 @@ def compare_runs(
         raise ToolkitError(
             f"baseline run '{baseline.name}' has no organ with test_patients.csv; re-run `toolkit train`"
         )
+    if baseline.synthetic_ratio > 0:
+        notes.append(
+            f"the baseline '{baseline.name}' itself trained with synthetic ratio {baseline.synthetic_ratio:g}; "
+            "a real-only baseline needs `toolkit train --synthetic-ratio 0`"
+        )
     for run in selected[1:]:
         missing = [o for o in organs if not run.has_organ(o)]
         if missing:
             notes.append(f"run '{run.name}' has no results for {', '.join(missing)}")
 
-    task = progress.add_task("bootstrap", total=len(organs)) if progress is not None else None
+    steps = sum(2 * sum(r.has_organ(o) for r in selected) for o in organs)
+    task = progress.add_task("bootstrap", total=steps) if progress is not None else None
     organ_results: dict[str, Any] = {}
     for i, organ in enumerate(organs):
         present = [r for r in selected if r.has_organ(organ)]
         levels = load_level_scores(present, organ)
         res: dict[str, Any] = {}
         for level in ("patient", "slice"):
+
+            def advance(name: str, organ: str = organ, level: str = level) -> None:
+                if progress is not None:
+                    progress.update(task, advance=1, info=f"{organ} {level} {name}")
+
             # One seed per organ and level, shared by every run, so runs are paired.
-            res[level] = score_level(levels[level], baseline.name, level, cfg, cfg.seed + 1000 * i)
+            res[level] = score_level(levels[level], baseline.name, level, cfg, cfg.seed + 1000 * i, advance)
         n_pos = res["patient"]["n_positive"]
         res["low_power"] = n_pos < cfg.eval.min_positives
         res["note"] = (
-            f"only {n_pos} injured test patient(s): the comparison has little power"
-            if res["low_power"]
-            else ""
+            f"only {n_pos} injured test patient(s): the comparison has little power" if res["low_power"] else ""
         )
         res["generators"] = {
             r.name: {
@@ -326,8 +333,6 @@ def compare_runs(
             if r.name != baseline.name
         }
         organ_results[organ] = res
-        if progress is not None:
-            progress.update(task, advance=1, info=organ)
 
     result: dict[str, Any] = {
         "baseline": baseline.name,

@@ -230,9 +230,7 @@ class BootstrapCI:
         return dict(self.__dict__)
 
 
-def _group_weights(
-    groups: np.ndarray, n_boot: int, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray]:
+def _group_weights(groups: np.ndarray, n_boot: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Per-group multiplicities of ``n_boot`` resamples of the groups with replacement.
 
     Returns ``counts`` of shape (n_boot, n_groups) and ``inverse`` (n,) mapping rows to groups.
@@ -535,9 +533,7 @@ def rsna_weighted_log_loss(
             if organ in p_graded:
                 probs = np.asarray(p_graded[organ], dtype=np.float64)
                 if probs.shape != (len(g), 3):
-                    raise ValueError(
-                        f"{organ}: graded probabilities must have shape ({len(g)}, 3), got {probs.shape}"
-                    )
+                    raise ValueError(f"{organ}: graded probabilities must have shape ({len(g)}, 3), got {probs.shape}")
                 groups[organ] = weighted_log_loss(g, probs, weights[g])
                 p_healthy[organ] = probs[:, 0] / probs.sum(axis=1)
                 continue
@@ -553,9 +549,7 @@ def rsna_weighted_log_loss(
         any_true = np.max([np.asarray(grades[o]) > 0 for o in ORGANS], axis=0).astype(np.int64)
         any_p = np.clip(np.max([1.0 - p_healthy[o] for o in ORGANS], axis=0), 0.0, 1.0)
         weights = np.asarray(RSNA_WEIGHTS["any_injury"])
-        groups["any_injury"] = weighted_log_loss(
-            any_true, np.stack([1.0 - any_p, any_p], axis=1), weights[any_true]
-        )
+        groups["any_injury"] = weighted_log_loss(any_true, np.stack([1.0 - any_p, any_p], axis=1), weights[any_true])
     else:
         missing = [o for o in ORGANS if o not in p_healthy]
         left_out["any_injury"] = f"needs all five organs; missing {', '.join(missing)}"

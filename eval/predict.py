@@ -1,14 +1,15 @@
 """``toolkit predict``: per-organ injury probabilities for one CT series from a trained run.
 
 The study is scored exactly as the run scored its test patients: the series is
-read into HU at the run's store size and slice count (``data.size``,
-``data.slices_per_series`` of the run's config), every slice is scored by each
-fold model, fold probabilities are averaged, and slices are aggregated to one
-study score by the run's rule (``train.aggregate``: max, or mean of the top k).
+read into HU at the slice size and count of the store the run was trained on
+(:func:`run_settings`), every slice is scored by each fold model, fold
+probabilities are averaged, and slices are aggregated to one study score by the
+run's rule (``train.aggregate``: max, or mean of the top k).
 """
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -52,9 +53,7 @@ def choose_runs(ws: Workspace, run: str) -> dict[str, Run]:
         r = load_run(ws, run)
         organs = [o for o in ORGANS if o in r.organs and (r.organ_dir(o) / "fold_0").exists()]
         if not organs:
-            raise ToolkitError(
-                f"run '{run}' has no trained fold models under {r.path}; run `toolkit train --resume`"
-            )
+            raise ToolkitError(f"run '{run}' has no trained fold models under {r.path}; run `toolkit train --resume`")
         return {o: r for o in organs}
     runs = [load_run(ws, n) for n in list_runs(ws)]
     if not runs:
@@ -66,23 +65,38 @@ def choose_runs(ws: Workspace, run: str) -> dict[str, Run]:
         if scored:
             chosen[organ] = max(scored, key=lambda s: (s[0], s[1]))[2]
     if not chosen:
-        raise ToolkitError(
-            f"no run in {ws.runs_dir} has oof_patients.csv to pick the best from; pass --run NAME"
-        )
+        raise ToolkitError(f"no run in {ws.runs_dir} has oof_patients.csv to pick the best from; pass --run NAME")
     return chosen
 
 
-def _run_settings(run: Run) -> dict[str, Any]:
+def _store_meta(ws: Workspace) -> dict[str, Any]:
+    path = ws.store_dir / "meta.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def run_settings(run: Run, store_meta: dict[str, Any] | None = None) -> dict[str, Any]:
+    """How ``run`` saw its slices: store size and slices per series, windows, image size, aggregate rule.
+
+    The store the run was trained on (same ``split_hash``) is the authority for slice size and
+    count: a run's config.yaml records the config of the train command, whose ``data`` section
+    need not be the one ``prepare`` used. Without that store the run's config is used.
+    """
     data = run.config.get("data") or {}
     train = run.config.get("train") or {}
-    size = data.get("size")
+    meta = store_meta or {}
+    if meta.get("split_hash") is not None and meta.get("split_hash") == run.meta.get("split_hash"):
+        size, slices = meta.get("size"), meta.get("slices_per_series")
+        size = size[0] if isinstance(size, list) else size
+    else:
+        size, slices = data.get("size"), data.get("slices_per_series")
     if size is None:
         raise ToolkitError(
-            f"{run.path / 'config.yaml'} lacks data.size; re-create the run with `toolkit train`"
+            f"cannot tell the slice size run '{run.name}' was trained at: no store with split "
+            f"{run.meta.get('split_hash')} and no data.size in {run.path / 'config.yaml'}"
         )
     return {
         "size": int(size),
-        "slices": int(data.get("slices_per_series") or 0),
+        "slices": int(slices or 0),
         "windows": run.meta.get("windows") or data.get("windows"),
         "image_size": int(run.meta.get("image_size") or train.get("image_size")),
         "aggregate": train.get("aggregate", "max"),
@@ -126,11 +140,12 @@ def predict_study(
     if not study.is_dir():
         raise ToolkitError(f"study folder {study} does not exist; give a folder of one series' DICOM files")
     chosen = choose_runs(ws, run)
+    store_meta = _store_meta(ws)
     series_cache: dict[tuple[int, int], tuple[np.ndarray, Any]] = {}
     organs: dict[str, Any] = {}
     n_slices = 0
     for organ, r in chosen.items():
-        s = _run_settings(r)
+        s = run_settings(r, store_meta)
         key = (s["size"], s["slices"])
         if key not in series_cache:
             series_cache[key] = read_series(study, size=s["size"], slices=s["slices"])

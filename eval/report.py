@@ -59,11 +59,7 @@ def _ci(entry: dict[str, Any]) -> str:
 
 
 def _delta(vs: dict[str, Any]) -> str:
-    return (
-        f"{vs['delta']:+.3f} [{_f(vs['ci_low'])}, {_f(vs['ci_high'])}]"
-        if math.isfinite(vs["delta"])
-        else "n/a"
-    )
+    return f"{vs['delta']:+.3f} [{_f(vs['ci_low'])}, {_f(vs['ci_high'])}]" if math.isfinite(vs["delta"]) else "n/a"
 
 
 def _ratio(result: dict[str, Any], name: str) -> str:
@@ -159,9 +155,9 @@ CAVEATS = [
     "spleen) enter it only when a run gives healthy/low/high probabilities, so the score is not the "
     "leaderboard figure unless no group is left out.",
     "Slice-level figures use each slice's own label; slices of one patient are correlated, which is "
-    "why their intervals still resample patients.",
-    "A single seed and test split: differences of a few AUC points are within what retraining alone "
-    "can produce.",
+    "why their intervals still resample patients. DeLong's test treats slices as independent, so "
+    "slice-level p-values are optimistic; the patient-bootstrap CI is the figure to trust there.",
+    "A single seed and test split: differences of a few AUC points are within what retraining alone can produce.",
 ]
 
 
@@ -182,8 +178,7 @@ def build_blocks(result: dict[str, Any]) -> list[Block]:
     ]
     if result["settings_mismatch"]:
         diffs = "; ".join(
-            f"{k}: " + ", ".join(f"{n}={v}" for n, v in vals.items())
-            for k, vals in result["settings_mismatch"].items()
+            f"{k}: " + ", ".join(f"{n}={v}" for n, v in vals.items()) for k, vals in result["settings_mismatch"].items()
         )
         blocks.append(
             (
@@ -245,8 +240,7 @@ def build_blocks(result: dict[str, Any]) -> list[Block]:
     rows = []
     for name, ll in result["rsna_log_loss"].items():
         rows.append(
-            [name, _f(ll["score"])]
-            + [_f(ll["groups"].get(g)) if g in ll["groups"] else "left out" for g in groups]
+            [name, _f(ll["score"])] + [_f(ll["groups"].get(g)) if g in ll["groups"] else "left out" for g in groups]
         )
     blocks.append(("table", ["run", "mean of available groups"] + groups, rows))
     reasons = {g: r for ll in result["rsna_log_loss"].values() for g, r in ll["left_out"].items()}
@@ -254,9 +248,7 @@ def build_blocks(result: dict[str, Any]) -> list[Block]:
         blocks.append(("p", "Left out: " + "; ".join(f"{g} ({r})" for g, r in reasons.items()) + "."))
 
     blocks.append(("h2", "Methods"))
-    blocks.append(
-        ("p", METHODS.format(n_boot=ev["bootstrap"], seed=ev["seed"], ci=ev["ci"], alpha=ev["alpha"]))
-    )
+    blocks.append(("p", METHODS.format(n_boot=ev["bootstrap"], seed=ev["seed"], ci=ev["ci"], alpha=ev["alpha"])))
     blocks.append(("h2", "Caveats"))
     for c in CAVEATS:
         blocks.append(("li", c))

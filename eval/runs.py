@@ -92,9 +92,7 @@ class Run:
         df = pd.read_csv(path)
         missing = [c for c in TABLE_COLUMNS.get(name, ()) if c not in df.columns]
         if missing:
-            raise ToolkitError(
-                f"{path} lacks column(s) {', '.join(missing)}; re-create it with `toolkit train`"
-            )
+            raise ToolkitError(f"{path} lacks column(s) {', '.join(missing)}; re-create it with `toolkit train`")
         return df
 
     def setting(self, key: str) -> Any:
@@ -143,9 +141,7 @@ def load_run(ws: Workspace, name: str) -> Run:
     if not meta_path.exists():
         found = list_runs(ws, complete_only=False)
         hint = f"runs found: {', '.join(found)}" if found else "no runs yet"
-        raise ToolkitError(
-            f"no run '{name}' in {ws.runs_dir} ({hint}); train it with `toolkit train --name {name}`"
-        )
+        raise ToolkitError(f"no run '{name}' in {ws.runs_dir} ({hint}); train it with `toolkit train --name {name}`")
     try:
         meta = json.loads(meta_path.read_text())
     except json.JSONDecodeError as exc:

@@ -17,7 +17,8 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from eval.explain import explain_runs, last_conv, localisation, resize_mask, select_slices
-from eval.predict import predict_study
+from eval.predict import predict_study, run_settings
+from eval.runs import load_run
 from tests.conftest import make_toy_slice_set
 from toolkit.cli import app
 from toolkit.config import Config, EvalConfig
@@ -75,7 +76,8 @@ def write_tiny_run(root: Path, name: str, aggregate: str = "max", seed: int = 0)
     (run / "run.json").write_text(json.dumps(meta))
     cfg = {
         "seed": 0,
-        "data": {"size": SIZE, "slices_per_series": 0, "windows": [[40.0, 400.0]]},
+        # Deliberately not the store's size: the store the run was trained on is the authority.
+        "data": {"size": 64, "slices_per_series": 5, "windows": [[40.0, 400.0]]},
         "train": {"aggregate": aggregate, "top_k": 2, "image_size": SIZE},
     }
     (run / "config.yaml").write_text(yaml.safe_dump(cfg))
@@ -207,6 +209,9 @@ def test_predict_study_matches_the_fold_ensemble(workspace, tmp_path):
     assert liver["prob"] == pytest.approx(float(probs.mean(axis=0).max()), abs=1e-6)
     assert liver["prob_folds"] == pytest.approx(probs.max(axis=1).tolist(), abs=1e-6)
     assert liver["full_sensitivity_threshold"] == pytest.approx(0.55)
+    run = load_run(workspace, "real-only")
+    assert run_settings(run, {"split_hash": "toy-split", "size": [SIZE, SIZE]})["size"] == SIZE
+    assert run_settings(run, {"split_hash": "other", "size": [SIZE, SIZE]})["size"] == 64
     assert result["elapsed_s"] > 0
 
     write_tiny_run(workspace.root, "topk", aggregate="topk")

@@ -1,9 +1,10 @@
 """Conditional DCGAN-style generator and projection discriminator (Miyato & Koyama 2018).
 
-The generator upsamples a 4x4 map to ``image_size`` with nearest-neighbour
-upsampling + 3x3 convolutions (no checkerboard artefacts of transposed
-convolutions); the class enters twice: an embedding concatenated with ``z`` and
-class-conditional batch norm in every block. The discriminator halves the
+The generator is DCGAN's ladder of 4x4 stride-2 transposed convolutions from a
+4x4 map to ``image_size`` (channels halve as resolution doubles; the last layer
+goes straight to one grey channel, which keeps it cheap on a CPU); the class
+enters twice: an embedding concatenated with ``z`` and class-conditional batch
+norm in every block. The discriminator halves the
 resolution down to 4x4 with spectrally normalised strided convolutions and adds
 the projection term ``<embed(y), h>`` to its unconditional score.
 """
@@ -53,17 +54,16 @@ class ConditionalBatchNorm2d(nn.Module):
 
 
 class UpBlock(nn.Module):
-    """2x nearest upsample -> 3x3 conv -> conditional BN -> ReLU."""
+    """4x4 stride-2 transposed conv (2x upsampling) -> conditional BN -> ReLU."""
 
     def __init__(self, in_channels: int, out_channels: int, n_classes: int) -> None:
         super().__init__()
-        self.up = nn.Upsample(scale_factor=2, mode="nearest")
-        self.conv = nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False)
+        self.conv = nn.ConvTranspose2d(in_channels, out_channels, 4, stride=2, padding=1, bias=False)
         self.norm = ConditionalBatchNorm2d(out_channels, n_classes)
         self.act = nn.ReLU()
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.act(self.norm(self.conv(self.up(x)), y))
+        return self.act(self.norm(self.conv(x), y))
 
 
 class ConditionalGenerator(nn.Module):
@@ -80,13 +80,13 @@ class ConditionalGenerator(nn.Module):
         self.norm0 = ConditionalBatchNorm2d(c0, n_classes)
         blocks = []
         resolution, channels = 4, c0
-        for _ in range(n_up):
+        for _ in range(n_up - 1):
             resolution *= 2
             out = _channels(ngf, image_size, resolution)
             blocks.append(UpBlock(channels, out, n_classes))
             channels = out
         self.blocks = nn.ModuleList(blocks)
-        self.to_image = nn.Conv2d(channels, 1, 3, padding=1)
+        self.to_image = nn.ConvTranspose2d(channels, 1, 4, stride=2, padding=1)
 
     def forward(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         h = self.fc(torch.cat([z, self.embed(y)], dim=1)).view(-1, self.c0, 4, 4)

@@ -301,7 +301,7 @@ def _render_patient(plan: _PatientPlan, cfg: PhantomConfig, seed: int) -> list[d
     min_px = _MIN_LESION_PX_64 * (size / 64.0) ** 2
     lesions: dict[str, Lesion] = {}
     todo = [o for o in ORGANS if plan.grades[o]]
-    for _ in range(50):
+    for _ in range(200):
         for organ in todo:
             lesions[organ] = model.draw_lesion(organ, plan.grades[organ], rng, min_half_t)
         painted = []
@@ -318,8 +318,9 @@ def _render_patient(plan: _PatientPlan, cfg: PhantomConfig, seed: int) -> list[d
         ]
         if not todo:
             break
-    else:  # pragma: no cover - geometry guarantees a visible lesion long before this
-        raise RuntimeError(f"phantom patient {plan.patient_id}: could not place a visible {todo} injury")
+    # else: with very few, widely spaced slices a small lesion can fall between slices; the patient
+    # keeps its label (as a real patient whose injury the sampled slices miss) and the truth masks
+    # and image-level labels show where, if anywhere, it is visible.
     for s, c in zip(series, painted, strict=True):
         s["canvas"] = c
         s["pixels"] = finish(c, s["noise"], rng)
