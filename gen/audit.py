@@ -15,11 +15,12 @@ Four checks, each reported overall and per class:
    the real mean) among synthetic slices and among real slices; a collapsed
    generator scores far below real.
 4. **Memorization**: for every synthetic slice, the highest cosine similarity to
-   any training slice, on mean-centred pixels at 32x32 (a Pearson correlation of
-   the downsampled images: insensitive to brightness offsets, blind to fine
-   texture, cheap to compare against every training slice). Slices above the
-   threshold are flagged as near-copies. For scale, the same similarity between
-   real slices of *different* patients is reported.
+   any training slice, on 32x32 pixels minus the mean training slice. Removing
+   the mean removes the anatomy every slice shares (body outline, spine), so
+   what is compared is what makes a slice individual; an exact copy scores 1.0.
+   Cheap enough to compare against every training slice, blind to fine texture.
+   Slices at or above the threshold are flagged as near-copies. For scale, the
+   same similarity between real slices of *different* patients is reported.
 """
 
 from __future__ import annotations
@@ -211,13 +212,21 @@ def hu_histogram_distance(
     }
 
 
-def _memo_vectors(images: np.ndarray) -> torch.Tensor:
+def _small(images: np.ndarray) -> torch.Tensor:
     x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).unsqueeze(1)
     if x.shape[-1] != MEMO_SIZE:
         mode = "area" if x.shape[-1] > MEMO_SIZE else "bilinear"
         x = F.interpolate(x, size=(MEMO_SIZE, MEMO_SIZE), mode=mode)
-    v = x.flatten(1)
-    v = v - v.mean(dim=1, keepdim=True)
+    return x.flatten(1)
+
+
+def mean_slice(images: np.ndarray) -> torch.Tensor:
+    """The mean of ``images`` (n, H, W) at 32x32, flattened: the centre for :func:`nearest_training_similarity`."""
+    return _small(images).mean(dim=0)
+
+
+def _memo_vectors(images: np.ndarray, center: torch.Tensor) -> torch.Tensor:
+    v = _small(images) - center
     return v / v.norm(dim=1, keepdim=True).clamp_min(1e-8)
 
 
@@ -225,11 +234,12 @@ def _memo_vectors(images: np.ndarray) -> torch.Tensor:
 def nearest_training_similarity(
     synth: np.ndarray,
     real: Any,
+    center: torch.Tensor | None = None,
     chunk: int = 4096,
     query_groups: np.ndarray | None = None,
     real_groups: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Highest cosine similarity of each query slice to any real slice (mean-centred 32x32 pixels).
+    """Highest cosine similarity of each query slice to any real slice (32x32 pixels minus ``center``).
 
     Parameters
     ----------
@@ -237,6 +247,9 @@ def nearest_training_similarity(
         Query slices.
     real : array-like of shape (m, H', W'), float in [0, 1]
         Reference slices, read ``chunk`` at a time.
+    center : Tensor of shape (32 * 32,), optional
+        Subtracted before the cosine (:func:`mean_slice` of the training slices); default: the
+        mean of the first chunk of ``real``.
     query_groups, real_groups : ndarray, optional
         Patient ids; when given, pairs of the same patient are skipped (for the real-vs-real reference).
 
@@ -245,12 +258,14 @@ def nearest_training_similarity(
     similarity : ndarray of shape (n,), float32 in [-1, 1]
     index : ndarray of shape (n,), int64, row of the nearest real slice
     """
-    q = _memo_vectors(synth)
+    if center is None:
+        center = mean_slice(real[np.arange(min(chunk, len(real)))])
+    q = _memo_vectors(synth, center)
     best = torch.full((len(q),), -2.0)
     best_idx = torch.zeros(len(q), dtype=torch.int64)
     for start in range(0, len(real), chunk):
         rows = np.arange(start, min(start + chunk, len(real)))
-        sim = q @ _memo_vectors(real[rows]).T
+        sim = q @ _memo_vectors(real[rows], center).T
         if query_groups is not None and real_groups is not None:
             same = torch.from_numpy(
                 np.asarray(query_groups)[:, None] == np.asarray(real_groups)[rows][None, :]
@@ -347,22 +362,30 @@ def audit(
         )
     f_real, p_real = extract_features(feature_net, real_sub)
     f_syn, p_syn = extract_features(feature_net, synth)
+    # One scale for all features: FD is then in units of the real features' mean variance.
+    scale = np.sqrt(f_real.var(0).mean()) if len(f_real) > 1 else 1.0
+    f_real, f_syn = f_real / max(scale, 1e-12), f_syn / max(scale, 1e-12)
     if b_sub.any() and (lab_sub[b_sub] > 0).any() and (lab_sub[b_sub] == 0).any():
         pred = p_real[b_sub] > 0.5
         truth = lab_sub[b_sub] > 0
         net_note["heldout_balanced_accuracy"] = float((pred[truth].mean() + (~pred[~truth]).mean()) / 2)
 
-    center = f_real.mean(0) if len(f_real) else 0.0
+    f_center = f_real.mean(0) if len(f_real) else 0.0
     fd_all = frechet_distance(f_real, f_syn)
     fd_ref = (
         frechet_distance(f_real[b_sub], f_real[~b_sub]) if b_sub.any() and (~b_sub).any() else float("nan")
     )
 
-    sim, nn_index = nearest_training_similarity(synth, real)
+    center = mean_slice(real_sub)
+    sim, nn_index = nearest_training_similarity(synth, real, center)
     near = sim >= threshold
     ref_rows = sub[: min(len(sub), 300)]
     ref_sim, _ = nearest_training_similarity(
-        np.asarray(real[ref_rows], dtype=np.float32), real, query_groups=groups[ref_rows], real_groups=groups
+        np.asarray(real[ref_rows], dtype=np.float32),
+        real,
+        center,
+        query_groups=groups[ref_rows],
+        real_groups=groups,
     )
     ref_sim = ref_sim[ref_sim > -2.0]
 
@@ -374,8 +397,8 @@ def audit(
             "n_synthetic": int(ss.sum()),
             "frechet_distance": frechet_distance(f_real[rs], f_syn[ss]),
             "hu_wasserstein": hu_histogram_distance(real_sub[rs], synth[ss], window).get("wasserstein_hu"),
-            "diversity_real": mean_pairwise_cosine_distance(f_real[rs], center),
-            "diversity_synthetic": mean_pairwise_cosine_distance(f_syn[ss], center),
+            "diversity_real": mean_pairwise_cosine_distance(f_real[rs], f_center),
+            "diversity_synthetic": mean_pairwise_cosine_distance(f_syn[ss], f_center),
             "called_injured_real": float((p_real[rs] > 0.5).mean()) if rs.any() else float("nan"),
             "called_injured_synthetic": float((p_syn[ss] > 0.5).mean()) if ss.any() else float("nan"),
             "near_copies": int((near & ss).sum()),
@@ -385,8 +408,8 @@ def audit(
     report: dict[str, Any] = {
         "summary": (
             f"Frechet distance {fd_all:.3g} (real vs real {fd_ref:.3g}); body HU Wasserstein-1 "
-            f"{hu['wasserstein_hu']:.1f} HU; diversity {mean_pairwise_cosine_distance(f_syn, center):.3f} "
-            f"(real {mean_pairwise_cosine_distance(f_real, center):.3f}); "
+            f"{hu['wasserstein_hu']:.1f} HU; diversity {mean_pairwise_cosine_distance(f_syn, f_center):.3f} "
+            f"(real {mean_pairwise_cosine_distance(f_real, f_center):.3f}); "
             f"near-copies {int(near.sum())}/{len(synth)}"
         ),
         "n_real": int(len(real_labels)),
@@ -408,13 +431,13 @@ def audit(
             "intersection 1 = identical",
         },
         "diversity": {
-            "synthetic": mean_pairwise_cosine_distance(f_syn, center),
-            "real": mean_pairwise_cosine_distance(f_real, center),
+            "synthetic": mean_pairwise_cosine_distance(f_syn, f_center),
+            "real": mean_pairwise_cosine_distance(f_real, f_center),
             "note": "mean pairwise 1 - cosine similarity of audit features; far below real = mode collapse",
         },
         "memorization": {
-            "method": f"max cosine similarity of mean-centred {MEMO_SIZE}x{MEMO_SIZE} pixels "
-            "to every training slice",
+            "method": f"max cosine similarity of {MEMO_SIZE}x{MEMO_SIZE} pixels minus the mean "
+            "training slice, to every training slice",
             "threshold": float(threshold),
             "near_copies": int(near.sum()),
             "near_copy_share": float(near.mean()) if len(near) else 0.0,

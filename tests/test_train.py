@@ -231,6 +231,8 @@ def test_existing_run_is_refused_without_force_or_resume(ws: Workspace, real_onl
 
 
 def test_bad_inputs_are_one_line_errors(ws: Workspace, tmp_path: Path) -> None:
+    with pytest.raises(ToolkitError, match=r"train.lr must be a number, got '3e-4' \(YAML needs a dot"):
+        train_run(ws, tiny_config(lr="3e-4"), name="x", organs=[ORGAN])
     with pytest.raises(ToolkitError, match=r"train.folds=4 but the store has 3 folds"):
         train_run(ws, tiny_config(folds=4), name="x", organs=[ORGAN])
     other = Workspace(tmp_path / "other")

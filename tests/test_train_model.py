@@ -17,6 +17,15 @@ from train.inference import aggregate_patient, load_fold_models, predict_probs
 from train.model import create_classifier, load_classifier, save_classifier, set_trainable_blocks
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Other jobs share this machine's 2 cores; one thread avoids OpenMP spin contention.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def _cfg(**train: object):
     values = dict(model="mobilenetv2_050", pretrained=False, image_size=32, trainable_blocks=-1)
     values.update(train)

@@ -186,9 +186,22 @@ def create_classifier(cfg: Config) -> nn.Module:
         model = _create_pretrained(name, in_chans, cfg.train.weights)
     else:
         model = timm.create_model(name, pretrained=False, num_classes=1, in_chans=in_chans)
+    init_head(model)
     _record_preprocessing(model, in_chans, cfg.train.image_size)
     set_trainable_blocks(model, cfg.train.trainable_blocks)
     return model
+
+
+def init_head(model: nn.Module, std: float = 0.01) -> None:
+    """Re-initialise the new one-logit head: small weights, zero bias (initial loss ~ log 2).
+
+    timm's EfficientNet init draws classifier weights from U(-1/sqrt(fan_out), ...), which
+    for one output is U(-1, 1) over 1280 features: starting logits of +-30 and a loss of ~5.
+    """
+    head = model.get_classifier()
+    if isinstance(head, nn.Linear):
+        nn.init.normal_(head.weight, std=std)
+        nn.init.zeros_(head.bias)
 
 
 def _record_preprocessing(model: nn.Module, in_chans: int, image_size: int) -> None:

@@ -65,6 +65,31 @@ def default_run_name(ratio: float) -> str:
 
 
 # ------------------------------------------------------------------ checks
+_NUMBERS = {
+    "lr": float, "weight_decay": float, "synthetic_ratio": float, "image_size": int, "epochs": int,
+    "epoch_size": int, "batch_size": int, "trainable_blocks": int, "synthetic_max_repeat": int,
+    "patience": int, "top_k": int, "num_workers": int,
+}
+
+
+def check_train_config(cfg: Config) -> None:
+    """Types and ranges of ``cfg.train`` (YAML reads ``3e-4`` as a string: it must be ``3.0e-4``)."""
+    tc = cfg.train
+    for key, kind in _NUMBERS.items():
+        value = getattr(tc, key)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not ok or (kind is int and float(value) != int(value)):
+            hint = " (YAML needs a dot: write 3.0e-4, or 0.0003)" if isinstance(value, str) else ""
+            raise ToolkitError(f"train.{key} must be {'an integer' if kind is int else 'a number'}, "
+                               f"got {value!r}{hint}")
+    if tc.folds is not None and (isinstance(tc.folds, bool) or not isinstance(tc.folds, int)):
+        raise ToolkitError(f"train.folds must be an integer or null, got {tc.folds!r}")
+    if tc.epochs < 1 or tc.batch_size < 1 or tc.image_size < 8 or tc.lr <= 0:
+        raise ToolkitError("train.epochs and train.batch_size must be >= 1, train.image_size >= 8, train.lr > 0")
+    if tc.aggregate not in AGGREGATES:
+        raise ToolkitError(f"unknown train.aggregate '{tc.aggregate}'; choose one of {', '.join(AGGREGATES)}")
+
+
 def check_store(store: SliceSet, organs: list[str], path: Path) -> None:
     """Columns present and no patient in two folds or in both a fold and the test set."""
     table = store.table
@@ -160,14 +185,18 @@ def _comparable(cfg_dict: dict[str, Any]) -> dict[str, Any]:
     return {"seed": cfg_dict["seed"], "windows": cfg_dict["data"]["windows"], "train": train}
 
 
-def _open_run_dir(run_dir: Path, cfg: Config, resume: bool, force: bool) -> list[str]:
-    """Make ``run_dir`` ready; returns the organs an interrupted run already listed."""
+def _open_run_dir(run_dir: Path, cfg: Config, resume: bool, force: bool, main: bool = True) -> list[str]:
+    """Check that ``run_dir`` may be (re)used; return the organs an interrupted run already listed.
+
+    Every process runs the checks (so all raise alike); only the ``main`` one deletes.
+    """
     if resume and force:
         raise ToolkitError("pass either --resume (continue the run) or --force (start it over), not both")
     if not run_dir.exists() or not any(run_dir.iterdir()):
         return []
     if force:
-        shutil.rmtree(run_dir)
+        if main:
+            shutil.rmtree(run_dir)
         return []
     if not resume:
         raise ToolkitError(
@@ -253,10 +282,7 @@ def train_run(
     unknown = [o for o in organs if o not in ORGANS]
     if unknown:
         raise ToolkitError(f"unknown organ '{unknown[0]}'; choose from {', '.join(ORGANS)}")
-    if tc.aggregate not in AGGREGATES:
-        raise ToolkitError(f"unknown train.aggregate '{tc.aggregate}'; choose one of {', '.join(AGGREGATES)}")
-    if tc.epochs < 1 or tc.batch_size < 1 or tc.image_size < 8:
-        raise ToolkitError("train.epochs and train.batch_size must be >= 1 and train.image_size >= 8")
+    check_train_config(cfg)
     name = name or default_run_name(tc.synthetic_ratio)
     if not (ws.store_dir / MANIFEST_FILE).exists():
         raise ToolkitError(f"no slice store in {ws.store_dir}: run `toolkit prepare` first")
@@ -276,7 +302,7 @@ def train_run(
         pools = {o: load_synthetic_pool(ws, o, split_hash, tc.image_size) for o in organs}
 
     run_dir = ws.run_dir(name)
-    previous_organs = _open_run_dir(run_dir, cfg, resume, force) if main else []
+    previous_organs = _open_run_dir(run_dir, cfg, resume, force, main)
     accelerator.wait_for_everyone()
     listed = [o for o in ORGANS if o in set(organs) | set(previous_organs)]
     info = {

@@ -110,9 +110,16 @@ class ProjectionDiscriminator(nn.Module):
             layers += [spectral_norm(nn.Conv2d(channels, out, 4, stride=2, padding=1)), nn.LeakyReLU(0.2)]
             channels = out
         self.features = nn.Sequential(*layers)
+        # Minibatch standard deviation (ProGAN): one extra 4x4 channel holding how much the batch
+        # varies, so the discriminator can spot a generator that ignores z (mode collapse).
+        self.final = spectral_norm(nn.Conv2d(channels + 1, channels, 3, padding=1))
+        self.act = nn.LeakyReLU(0.2)
         self.linear = spectral_norm(nn.Linear(channels, 1))
         self.embed = spectral_norm(nn.Embedding(n_classes, channels))
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        h = self.features(x).sum(dim=(2, 3))
+        h = self.features(x)
+        std = h.std(dim=0, unbiased=False).mean() if len(h) > 1 else h.new_zeros(())
+        h = torch.cat([h, std.expand(len(h), 1, *h.shape[2:])], dim=1)
+        h = self.act(self.final(h)).sum(dim=(2, 3))
         return self.linear(h).squeeze(1) + (self.embed(y) * h).sum(dim=1)

@@ -1,0 +1,56 @@
+"""Process-wide runtime settings applied once at CLI start-up.
+
+glibc's malloc serves large blocks (above a threshold that adapts up to 32 MiB) with
+fresh ``mmap`` calls and returns freed heap to the kernel beyond ``M_TRIM_THRESHOLD``.
+CNN training on the CPU allocates and frees the same large activation and gradient
+buffers every step, so by default every step pays for page faults that zero those pages
+again. :func:`tune_malloc` keeps such blocks on the heap and stops trimming it, so freed
+buffers are reused (see ``benchmarks/bench_train.py`` for the measured effect).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import sys
+
+# mallopt parameters from glibc's <malloc.h>.
+M_TRIM_THRESHOLD = -1
+M_MMAP_MAX = -4
+
+_TUNED = False
+
+
+def tune_malloc(trim_threshold: int = 1 << 30) -> bool:
+    """Make glibc malloc keep and reuse large freed blocks (no-op elsewhere).
+
+    Sets ``M_MMAP_MAX = 0`` (large blocks come from the heap instead of ``mmap``, so
+    freeing them does not unmap the pages) and ``M_TRIM_THRESHOLD = trim_threshold``
+    (up to that many free bytes stay at the top of the heap for the next step).
+    The cost is resident memory that is not returned to the OS until the process exits.
+
+    Parameters
+    ----------
+    trim_threshold : int, default=1 GiB
+        Free bytes at the top of the heap that glibc keeps instead of returning.
+
+    Returns
+    -------
+    bool
+        True if glibc accepted both settings (Linux); False on macOS/Windows/musl.
+    """
+    global _TUNED
+    if _TUNED:
+        return True
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    ok = bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, int(trim_threshold)))
+    _TUNED = ok
+    return ok
