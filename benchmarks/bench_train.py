@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -164,6 +165,10 @@ def measure_inference(model_name: str, image_size: int, folds: int, slices: int 
 
 
 def _child(args: argparse.Namespace) -> None:
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.malloc:
         from toolkit.runtime import tune_malloc
 
@@ -176,7 +181,8 @@ def _child(args: argparse.Namespace) -> None:
 
 def _spawn(args: argparse.Namespace, size: int, malloc: bool, samples: int) -> dict:
     cmd = [sys.executable, __file__, "--child", "--size", str(size), "--model", args.model,
-           "--batch", str(args.batch), "--samples", str(samples), "--repeats", str(args.repeats)]
+           "--batch", str(args.batch), "--samples", str(samples), "--repeats", str(args.repeats),
+           "--threads", str(args.threads)]
     if malloc:
         cmd.append("--malloc")
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
@@ -191,6 +197,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--samples", type=int, default=0, help="samples per timed epoch (0: by size)")
     parser.add_argument("--inference-size", type=int, default=224)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--size", type=int, default=64, help=argparse.SUPPRESS)
     parser.add_argument("--malloc", action="store_true", help=argparse.SUPPRESS)
@@ -201,7 +208,13 @@ def main() -> None:
 
     import torch
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, model {args.model}, batch {args.batch}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, model {args.model}, batch {args.batch}, "
+          f"{os.cpu_count()} CPUs, load average {load:.1f} at start")
+    if load > (os.cpu_count() or 1) / 2:
+        print("warning: the machine is busy; absolute figures are noisy (ratios are measured interleaved)")
     print("\ntraining slices/s: train's loop (mmap store -> loader -> accelerate -> train_one_epoch) "
           "vs bare timm loop on in-memory tensors")
     print(f"{'px':>5} {'malloc':>8} {'toolkit':>9} {'bare':>9} {'ratio':>7}")

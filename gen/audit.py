@@ -5,9 +5,10 @@ Four checks, each reported overall and per class:
 1. **Fréchet distance** (FID-style) between real and synthetic features. The
    ImageNet Inception net of FID is not available offline, so the features come
    from a small CNN trained here, quickly and deterministically, to tell healthy
-   from injured real training slices (its held-out accuracy is reported). The FD
-   between two halves of the real patients is reported beside it as the scale
-   of "as close as real data is to itself".
+   from injured real training slices of half the patients (its accuracy on the
+   other half is reported). The other patients are split into B1 and B2; the FD
+   of synthetic slices to B1 is reported beside the FD of B2 to B1 at the same
+   sample count: the scale of "as close as real data is to itself".
 2. **HU histogram distance** inside the body: Wasserstein-1 (in HU) and histogram
    intersection of the HU values of body pixels (above the window's lower edge
    and above -500 HU), after mapping windowed intensities back to HU.
@@ -25,6 +26,7 @@ Four checks, each reported overall and per class:
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
@@ -124,9 +126,7 @@ def train_feature_net(
 
 
 @torch.no_grad()
-def extract_features(
-    net: AuditFeatureNet, images: Any, batch_size: int = 256
-) -> tuple[np.ndarray, np.ndarray]:
+def extract_features(net: AuditFeatureNet, images: Any, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
     """Features (n, D) float64 and P(injured) (n,) of ``images`` (n, H, W) in [0, 1]."""
     net.eval()
     feats, probs = [], []
@@ -147,11 +147,13 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
         return float("nan")
     mu1, mu2 = a.mean(0), b.mean(0)
     s1, s2 = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
-    covmean, _ = linalg.sqrtm(s1 @ s2, disp=False)
-    if not np.isfinite(covmean).all():
-        # Singular covariances (fewer samples than features): regularise slightly, as pytorch-fid does.
-        eps = np.eye(len(s1)) * 1e-6
-        covmean = linalg.sqrtm((s1 + eps) @ (s2 + eps))
+    with warnings.catch_warnings():
+        # Few samples give singular covariances; handled below as pytorch-fid does.
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        covmean = linalg.sqrtm(s1 @ s2)
+        if not np.isfinite(covmean).all():
+            eps = np.eye(len(s1)) * 1e-6
+            covmean = linalg.sqrtm((s1 + eps) @ (s2 + eps))
     covmean = np.real(covmean)
     return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2.0 * np.trace(covmean))
 
@@ -167,9 +169,7 @@ def mean_pairwise_cosine_distance(features: np.ndarray, center: np.ndarray, max_
     return float(1.0 - (sim.sum() - np.trace(sim)) / (n * (n - 1)))
 
 
-def _body_hu(
-    images: np.ndarray, window: tuple[float, float], rng: np.random.Generator, max_pixels: int
-) -> np.ndarray:
+def _body_hu(images: np.ndarray, window: tuple[float, float], rng: np.random.Generator, max_pixels: int) -> np.ndarray:
     level, width = window
     low = level - width / 2.0
     x = np.asarray(images, dtype=np.float32)
@@ -192,9 +192,7 @@ def hu_histogram_distance(
     r, s = _body_hu(real, window, rng, max_pixels), _body_hu(synth, window, rng, max_pixels)
     out = {
         "body_fraction_real": float(np.mean(np.asarray(real) > 0.01)) if np.size(real) else float("nan"),
-        "body_fraction_synthetic": float(np.mean(np.asarray(synth) > 0.01))
-        if np.size(synth)
-        else float("nan"),
+        "body_fraction_synthetic": float(np.mean(np.asarray(synth) > 0.01)) if np.size(synth) else float("nan"),
     }
     if len(r) == 0 or len(s) == 0:
         return {**out, "wasserstein_hu": float("nan"), "histogram_intersection": float("nan")}
@@ -267,9 +265,7 @@ def nearest_training_similarity(
         rows = np.arange(start, min(start + chunk, len(real)))
         sim = q @ _memo_vectors(real[rows], center).T
         if query_groups is not None and real_groups is not None:
-            same = torch.from_numpy(
-                np.asarray(query_groups)[:, None] == np.asarray(real_groups)[rows][None, :]
-            )
+            same = torch.from_numpy(np.asarray(query_groups)[:, None] == np.asarray(real_groups)[rows][None, :])
             sim = sim.masked_fill(same, -2.0)
         value, where = sim.max(dim=1)
         better = value > best
@@ -321,8 +317,8 @@ def audit(
     window : (level, width)
         HU window the intensities are in (for the HU histogram).
     real_groups : ndarray of shape (n_real,), optional
-        Patient id per real slice: used for the held-out accuracy of the feature net, the
-        real-vs-real FD between patient halves and the different-patient similarity reference.
+        Patient id per real slice: the feature net trains on half the patients; the real-vs-real
+        FD and the different-patient similarity reference are computed between patients.
     epochs, seed : int
         Feature-net training length and seed.
     max_real : int, default=4000
@@ -343,38 +339,41 @@ def audit(
     groups = np.asarray(real_groups) if real_groups is not None else np.arange(len(real_labels))
     rng = np.random.default_rng(seed)
 
-    # Patient-level halves: A trains the feature net (and is one FD reference half), B is held out.
-    patients = np.unique(groups)
-    half_b = (
-        set(rng.permutation(patients)[: max(1, len(patients) // 2)].tolist()) if len(patients) > 1 else set()
-    )
-    in_b = np.array([p in half_b for p in groups], dtype=bool)
-    sub = np.sort(rng.permutation(len(real_labels))[:max_real])
+    # Patients split three ways: A trains the feature net; B1 is the FD reference; B2 (real, unseen
+    # by the net like the synthetic slices) is compared with B1 at the same sample count as the
+    # synthetic slices are, so "real vs real" is the floor the synthetic FD can be read against.
+    patients = rng.permutation(np.unique(groups))
+    n_a = len(patients) // 2 if feature_net is None else 0
+    rest = patients[n_a:]
+    role_of = {p: 0 for p in patients[:n_a]}
+    role_of.update({p: 1 + (i >= len(rest) // 2) for i, p in enumerate(rest)})
+    role = np.array([role_of[p] for p in groups], dtype=np.int8)
+    held_out = np.flatnonzero(role > 0)
+    sub = np.sort(rng.permutation(held_out)[:max_real])
     real_sub = np.asarray(real[sub], dtype=np.float32)
-    lab_sub, b_sub = real_labels[sub], in_b[sub]
+    lab_sub, role_sub = real_labels[sub], role[sub]
 
     net_note: dict[str, Any] = {"supplied": feature_net is not None}
     if feature_net is None:
-        train_rows = np.flatnonzero(~in_b) if (~in_b).any() else np.arange(len(real_labels))
+        train_rows = np.flatnonzero(role == 0) if (role == 0).any() else np.arange(len(real_labels))
         feature_net = train_feature_net(_Rows(real, train_rows), real_labels[train_rows], epochs, seed)
-        net_note.update(
-            {"trained_on": "real training slices of half the training patients", "epochs": epochs}
-        )
+        net_note.update({"trained_on": f"real training slices of {n_a} of {len(patients)} patients", "epochs": epochs})
     f_real, p_real = extract_features(feature_net, real_sub)
     f_syn, p_syn = extract_features(feature_net, synth)
     # One scale for all features: FD is then in units of the real features' mean variance.
     scale = np.sqrt(f_real.var(0).mean()) if len(f_real) > 1 else 1.0
     f_real, f_syn = f_real / max(scale, 1e-12), f_syn / max(scale, 1e-12)
-    if b_sub.any() and (lab_sub[b_sub] > 0).any() and (lab_sub[b_sub] == 0).any():
-        pred = p_real[b_sub] > 0.5
-        truth = lab_sub[b_sub] > 0
+    truth = lab_sub > 0
+    if truth.any() and (~truth).any():
+        pred = p_real > 0.5
         net_note["heldout_balanced_accuracy"] = float((pred[truth].mean() + (~pred[~truth]).mean()) / 2)
 
     f_center = f_real.mean(0) if len(f_real) else 0.0
-    fd_all = frechet_distance(f_real, f_syn)
-    fd_ref = (
-        frechet_distance(f_real[b_sub], f_real[~b_sub]) if b_sub.any() and (~b_sub).any() else float("nan")
-    )
+    b1, b2 = role_sub == 1, role_sub == 2
+    b2_rows = np.flatnonzero(b2)
+    n_cmp = min(len(b2_rows), len(synth)) if len(b2_rows) else len(synth)
+    fd_all = frechet_distance(f_syn[rng.permutation(len(synth))[:n_cmp]], f_real[b1])
+    fd_ref = frechet_distance(f_real[rng.permutation(b2_rows)[:n_cmp]], f_real[b1])
 
     center = mean_slice(real_sub)
     sim, nn_index = nearest_training_similarity(synth, real, center)
@@ -395,7 +394,7 @@ def audit(
         per_class[name] = {
             "n_real": int((real_labels == c).sum()),
             "n_synthetic": int(ss.sum()),
-            "frechet_distance": frechet_distance(f_real[rs], f_syn[ss]),
+            "frechet_distance": frechet_distance(f_syn[ss], f_real[rs & b1]),
             "hu_wasserstein": hu_histogram_distance(real_sub[rs], synth[ss], window).get("wasserstein_hu"),
             "diversity_real": mean_pairwise_cosine_distance(f_real[rs], f_center),
             "diversity_synthetic": mean_pairwise_cosine_distance(f_syn[ss], f_center),
@@ -421,14 +420,15 @@ def audit(
             "real_vs_real_reference": fd_ref,
             "feature_space": FEATURE_SPACE_NOTE,
             "feature_net": net_note,
-            "note": "lower is better; the real-vs-real value (two halves of the training patients) "
-            "is the floor",
+            "n_compared": int(n_cmp),
+            "note": "lower is better; both values compare with the same reference patients (B1) at the "
+            "same sample count: synthetic slices vs B1, and real slices of other patients (B2) vs B1, "
+            "which is the floor",
         },
         "hu_histogram": {
             **hu,
             "window": list(window),
-            "note": f"HU of body pixels (above the window floor and > {BODY_MIN_HU:g} HU); "
-            "intersection 1 = identical",
+            "note": f"HU of body pixels (above the window floor and > {BODY_MIN_HU:g} HU); intersection 1 = identical",
         },
         "diversity": {
             "synthetic": mean_pairwise_cosine_distance(f_syn, f_center),
@@ -444,11 +444,8 @@ def audit(
             "nn_similarity": _stats(sim),
             "real_reference_other_patients": {
                 **_stats(ref_sim),
-                "share_above_threshold": float((ref_sim >= threshold).mean())
-                if len(ref_sim)
-                else float("nan"),
-                "note": "the same similarity between real slices of different patients "
-                "(the anatomy's own sameness)",
+                "share_above_threshold": float((ref_sim >= threshold).mean()) if len(ref_sim) else float("nan"),
+                "note": "the same similarity between real slices of different patients (the anatomy's own sameness)",
             },
         },
         "per_class": per_class,

@@ -103,9 +103,7 @@ class BaseGenerator:
 
     generator_name: str = ""
 
-    def __init__(
-        self, cfg: GenConfig, n_classes: int = 2, class_names: list[str] | None = None, seed: int = 0
-    ) -> None:
+    def __init__(self, cfg: GenConfig, n_classes: int = 2, class_names: list[str] | None = None, seed: int = 0) -> None:
         self.cfg = cfg
         self.n_classes = n_classes
         self.class_names = class_names
@@ -162,15 +160,11 @@ class BaseGenerator:
         if labels.shape != (shape[0],):
             raise ToolkitError(f"got {shape[0]} training images but labels of shape {labels.shape}")
         if labels.size and (labels.min() < 0 or labels.max() >= self.n_classes):
-            raise ToolkitError(
-                f"labels must lie in 0..{self.n_classes - 1}, got {sorted(set(labels.tolist()))}"
-            )
+            raise ToolkitError(f"labels must lie in 0..{self.n_classes - 1}, got {sorted(set(labels.tolist()))}")
         class_index = [np.flatnonzero(labels == c) for c in range(self.n_classes)]
         empty = [self.classes_[c] for c, idx in enumerate(class_index) if len(idx) == 0]
         if empty:
-            raise ToolkitError(
-                f"no training images of class(es) {', '.join(empty)}; every class needs examples"
-            )
+            raise ToolkitError(f"no training images of class(es) {', '.join(empty)}; every class needs examples")
         return labels, class_index
 
     def _resolve_labels(self, n_per_class: int | None, labels: np.ndarray | None) -> np.ndarray:
@@ -220,9 +214,7 @@ class BaseGenerator:
                 f"{config_file} holds a '{config.get('generator')}' generator, not '{cls.generator_name}'"
             )
         gen_cfg = GenConfig(**config["gen"])
-        self = cls(
-            gen_cfg, n_classes=config["n_classes"], class_names=config["class_names"], seed=config["seed"]
-        )
+        self = cls(gen_cfg, n_classes=config["n_classes"], class_names=config["class_names"], seed=config["seed"])
         model = self._build_sampling_model()
         model.load_state_dict(load_file(str(weights)))
         model.eval()

@@ -29,9 +29,7 @@ def gen(
         str | None,
         typer.Option("--model", help="Generator: diffusion (default, best) or gan (fast on a CPU)."),
     ] = None,
-    n: Annotated[
-        int | None, typer.Option("--n", help="Synthetic slices to write, split evenly over classes.")
-    ] = None,
+    n: Annotated[int | None, typer.Option("--n", help="Synthetic slices to write, split evenly over classes.")] = None,
     steps: Annotated[int | None, typer.Option("--steps", help="Training steps (gen.train_steps).")] = None,
     image_size: Annotated[
         int | None, typer.Option("--image-size", help="Pixels per side of generated slices (gen.image_size).")
@@ -49,6 +47,8 @@ def gen(
     slice set (int16 HU, split "synthetic"), grid.png (real vs synthetic), audit.json (Frechet
     distance, HU histogram, diversity, near-copies of training slices, which the trainer leaves
     out), loss.csv, train_patients.csv, config.yaml and a resumable checkpoint/.
+
+    Examples: toolkit gen -w ws --organ liver | toolkit gen -w ws --organ all --model gan --n 1000
     """
     from gen.data import check_organ
     from gen.run import generate, generate_all
@@ -72,9 +72,7 @@ def gen(
             else:
                 console.print(f"{name}: {result['status']} -> {result['path']}\n  audit: {result['audit']}")
         if failed:
-            raise ToolkitError(
-                f"gen failed for {', '.join(failed)} (reasons above); the other organs are written"
-            )
+            raise ToolkitError(f"gen failed for {', '.join(failed)} (reasons above); the other organs are written")
         return
     out = generate(ws, cfg, organ, n=n, resume=resume, force=force)
     import json

@@ -26,9 +26,7 @@ CONDITIONINGS = ("binary", "grade")
 def class_names_for(organ: str, conditioning: str) -> list[str]:
     """Class names in label order: healthy/injured, or healthy/low/high for graded organs."""
     if conditioning not in CONDITIONINGS:
-        raise ToolkitError(
-            f"unknown gen.conditioning '{conditioning}'; choose one of {', '.join(CONDITIONINGS)}"
-        )
+        raise ToolkitError(f"unknown gen.conditioning '{conditioning}'; choose one of {', '.join(CONDITIONINGS)}")
     if conditioning == "grade" and organ in GRADED_ORGANS:
         return ["healthy", "low", "high"]
     return ["healthy", "injured"]
@@ -124,18 +122,14 @@ def load_training_data(store: SliceSet, organ: str, cfg: Config) -> TrainingData
     table = store.table
     for column in (organ, "split", "patient_id"):
         if column not in table.columns:
-            raise ToolkitError(
-                f"slice store manifest has no column '{column}'; re-run `toolkit prepare --force`"
-            )
+            raise ToolkitError(f"slice store manifest has no column '{column}'; re-run `toolkit prepare --force`")
     if not cfg.data.windows:
         raise ToolkitError("data.windows is empty; the generator needs at least one (level, width) HU window")
     grade = table[organ].to_numpy(dtype=np.float64)
     keep = (table["split"].to_numpy() == "train") & np.isfinite(grade) & (grade >= 0)
     n_train_patients = int(table.loc[table["split"] == "train", "patient_id"].nunique())
     if not keep.any():
-        raise ToolkitError(
-            f"slice store has no labelled '{organ}' slices of split 'train'; re-run `toolkit prepare`"
-        )
+        raise ToolkitError(f"slice store has no labelled '{organ}' slices of split 'train'; re-run `toolkit prepare`")
     grade = grade[keep].astype(np.int64)
     labels = np.minimum(grade, len(names) - 1) if len(names) == 3 else (grade > 0).astype(np.int64)
     if not (labels > 0).any():

@@ -50,9 +50,7 @@ class DiffusionGenerator(BaseGenerator):
 
     def noise_scheduler(self) -> DDPMScheduler:
         """The training noise schedule; samplers are built from its config."""
-        return DDPMScheduler(
-            num_train_timesteps=self.cfg.num_train_timesteps, beta_schedule=self.cfg.beta_schedule
-        )
+        return DDPMScheduler(num_train_timesteps=self.cfg.num_train_timesteps, beta_schedule=self.cfg.beta_schedule)
 
     def fit(
         self,
@@ -202,9 +200,7 @@ class DiffusionGenerator(BaseGenerator):
         y = self._resolve_labels(n_per_class, labels)
         name = sampler or self.cfg.sampler
         scheduler = create_sampler(name, self.noise_scheduler())
-        steps = (
-            self.cfg.num_train_timesteps if name == "ddpm" else (num_inference_steps or self.cfg.sample_steps)
-        )
+        steps = self.cfg.num_train_timesteps if name == "ddpm" else (num_inference_steps or self.cfg.sample_steps)
         x = denoise(
             model,
             scheduler,

@@ -100,15 +100,11 @@ class GANGenerator(BaseGenerator):
             real = to_model_range(images[idx])
             z = torch.randn(len(real), cfg.z_dim, generator=g)
             y_fake = torch.randint(self.n_classes, (len(real),), generator=g)
-            real, y_real, z, y_fake = (
-                v.to(accelerator.device) for v in (real, torch.from_numpy(y_real), z, y_fake)
-            )
+            real, y_real, z, y_fake = (v.to(accelerator.device) for v in (real, torch.from_numpy(y_real), z, y_fake))
 
             fake = netg(z, y_fake)
             # Discriminator: hinge loss on real and (detached) fake slices.
-            d_loss = (
-                F.relu(1.0 - netd(real, y_real)).mean() + F.relu(1.0 + netd(fake.detach(), y_fake)).mean()
-            )
+            d_loss = F.relu(1.0 - netd(real, y_real)).mean() + F.relu(1.0 + netd(fake.detach(), y_fake)).mean()
             opt_d.zero_grad(set_to_none=True)
             accelerator.backward(d_loss)
             opt_d.step()
@@ -186,12 +182,8 @@ class GANGenerator(BaseGenerator):
         self.model_ = self._sampling_generator(accelerator, netg, ema)
         state: dict[str, Any] = {
             "step": torch.tensor(self.step_),
-            "generator": {
-                k: v.detach().cpu() for k, v in accelerator.unwrap_model(netg).state_dict().items()
-            },
-            "discriminator": {
-                k: v.detach().cpu() for k, v in accelerator.unwrap_model(netd).state_dict().items()
-            },
+            "generator": {k: v.detach().cpu() for k, v in accelerator.unwrap_model(netg).state_dict().items()},
+            "discriminator": {k: v.detach().cpu() for k, v in accelerator.unwrap_model(netd).state_dict().items()},
             "opt_g": opt_g.state_dict(),
             "opt_d": opt_d.state_dict(),
             "history": history.to_tensor(),
@@ -221,11 +213,7 @@ class GANGenerator(BaseGenerator):
         z = torch.randn(len(y), self.cfg.z_dim, generator=torch.Generator().manual_seed(int(seed)))
         out = []
         for start in range(0, len(y), batch_size):
-            out.append(
-                model(
-                    z[start : start + batch_size].to(device), y[start : start + batch_size].to(device)
-                ).cpu()
-            )
+            out.append(model(z[start : start + batch_size].to(device), y[start : start + batch_size].to(device)).cpu())
             if callback is not None:
                 callback(min(start + batch_size, len(y)))
         x = torch.cat(out) if out else torch.zeros(0, 1, self.image_size, self.image_size)

@@ -40,9 +40,7 @@ def save_grid(
 
     rng = np.random.default_rng(seed)
     n_rows = len(class_names)
-    fig, axes = plt.subplots(
-        n_rows, 2 * n_cols, figsize=(1.3 * 2 * n_cols + 0.4, 1.45 * n_rows + 0.6), squeeze=False
-    )
+    fig, axes = plt.subplots(n_rows, 2 * n_cols, figsize=(1.3 * 2 * n_cols + 0.4, 1.45 * n_rows + 0.6), squeeze=False)
     for c, name in enumerate(class_names):
         real_rows = np.flatnonzero(np.asarray(real_labels) == c)
         syn_rows = np.flatnonzero(np.asarray(synth_labels) == c)

@@ -86,9 +86,7 @@ def create_generator(
         valid = {f.name for f in dataclasses.fields(cfg)}
         unknown = sorted(set(overrides) - valid)
         if unknown:
-            raise ToolkitError(
-                f"unknown generator option(s) {', '.join(unknown)}; valid: {', '.join(sorted(valid))}"
-            )
+            raise ToolkitError(f"unknown generator option(s) {', '.join(unknown)}; valid: {', '.join(sorted(valid))}")
         cfg = dataclasses.replace(cfg, **overrides)
     return _GENERATORS[name](cfg, n_classes=n_classes, class_names=class_names, seed=seed)
 

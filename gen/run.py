@@ -114,9 +114,7 @@ def generate(
 
     check_organ(organ)
     if cfg.gen.model not in list_generators():
-        raise ToolkitError(
-            f"unknown gen.model '{cfg.gen.model}'; valid generators: {', '.join(list_generators())}"
-        )
+        raise ToolkitError(f"unknown gen.model '{cfg.gen.model}'; valid generators: {', '.join(list_generators())}")
     n = int(cfg.gen.n if n is None else n)
     if n < 1:
         raise ToolkitError(f"the number of synthetic slices must be >= 1, got {n}")
@@ -153,16 +151,10 @@ def generate(
         def on_step(step: int, logs: dict[str, float]) -> None:
             if step % 5 and step != cfg.gen.train_steps:
                 return
-            loss = (
-                f"loss {logs['loss']:.4f}"
-                if "loss" in logs
-                else f"d {logs['d_loss']:.3f} g {logs['g_loss']:.3f}"
-            )
+            loss = f"loss {logs['loss']:.4f}" if "loss" in logs else f"d {logs['d_loss']:.3f} g {logs['g_loss']:.3f}"
             progress.update(task, completed=step, info=f"{loss} | {logs['img_per_s']:.0f} img/s")
 
-        generator.fit(
-            data.images, data.labels, checkpoint_dir=out / "checkpoint", resume=resume, callback=on_step
-        )
+        generator.fit(data.images, data.labels, checkpoint_dir=out / "checkpoint", resume=resume, callback=on_step)
         progress.update(task, completed=cfg.gen.train_steps)
         if not state.is_main_process:
             return out
@@ -235,9 +227,7 @@ def generate(
         "audit": report["summary"],
     }
     if cfg.gen.model == "diffusion":
-        meta.update(
-            sampler=cfg.gen.sampler, sample_steps=cfg.gen.sample_steps, guidance_scale=cfg.gen.guidance_scale
-        )
+        meta.update(sampler=cfg.gen.sampler, sample_steps=cfg.gen.sample_steps, guidance_scale=cfg.gen.guidance_scale)
     SliceSet(unwindow_hu(synth, data.window), table, meta).save(out, force=True)
     return out
 

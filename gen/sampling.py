@@ -26,9 +26,17 @@ SAMPLERS: dict[str, type[SchedulerMixin]] = {
 
 
 def create_sampler(name: str, train_scheduler: DDPMScheduler) -> SchedulerMixin:
-    """A sampling scheduler sharing the noise schedule the model was trained with."""
+    """A sampling scheduler sharing the noise schedule the model was trained with.
+
+    DPM-Solver++ gets dynamic thresholding at 1.0: its x0 predictions are clipped to the data
+    range [-1, 1] as DDPM and DDIM do with ``clip_sample``. Without it, an x0 estimate at the
+    noisiest timestep (where x0 = (x - sigma * eps) / alpha divides by a tiny alpha) can
+    saturate the whole slice.
+    """
     if name not in SAMPLERS:
         raise ToolkitError(f"unknown sampler '{name}' (gen.sampler); valid samplers: {', '.join(SAMPLERS)}")
+    if name == "dpm":
+        return DPMSolverMultistepScheduler.from_config(train_scheduler.config, thresholding=True, sample_max_value=1.0)
     return SAMPLERS[name].from_config(train_scheduler.config)
 
 
@@ -87,9 +95,7 @@ def denoise(
                 eps = unet(model_in, t, class_labels=labels).sample
             else:
                 model_in = scheduler.scale_model_input(torch.cat([x, x]), t)
-                eps_cond, eps_uncond = unet(model_in, t, class_labels=torch.cat([labels, null])).sample.chunk(
-                    2
-                )
+                eps_cond, eps_uncond = unet(model_in, t, class_labels=torch.cat([labels, null])).sample.chunk(2)
                 eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
             x = scheduler.step(eps, t, x, generator=generator).prev_sample
         out.append(x.clamp(-1.0, 1.0).float().cpu())

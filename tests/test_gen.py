@@ -198,6 +198,24 @@ def test_generator_trains_only_on_train_split_patients(workspace, toy_store):
     assert trained == set(table.loc[table["split"] == "train", "patient_id"])
 
 
+def test_grade_conditioning_makes_healthy_low_high_classes(tmp_path, toy_store):
+    ws = Workspace(tmp_path / "ws")
+    store = SliceSet(toy_store.images, toy_store.table.copy(), dict(toy_store.meta))
+    high = store.table["patient_id"].isin([1000, 1004, 1008])  # kidney-injured train patients
+    store.table.loc[high, "kidney"] = 2
+    store.save(ws.store_dir)
+    cfg = tiny_config(conditioning="grade", n=9)
+    syn = SliceSet.load(generate(ws, cfg, "kidney"))
+    assert syn.table["kidney"].tolist() == [0] * 3 + [1] * 3 + [2] * 3
+    assert syn.meta["classes"] == ["healthy", "low", "high"]
+    # Binary organs ignore grade conditioning; too few slices of a class is named with the counts.
+    store.table.loc[store.table["patient_id"] == 1000, "liver"] = 2
+    store.table.loc[store.table["patient_id"] != 1000, "liver"] = store.table["liver"].clip(upper=1)
+    store.save(ws.store_dir, force=True)
+    with pytest.raises(ToolkitError, match=r"too few liver training slices \(healthy 30, low 36, high 6\)"):
+        generate(ws, cfg, "liver")
+
+
 def test_generate_all_reports_an_organ_without_positives_and_continues(tmp_path, toy_store):
     ws = Workspace(tmp_path / "ws")
     store = SliceSet(toy_store.images, toy_store.table.copy(), dict(toy_store.meta))

@@ -14,7 +14,13 @@ from safetensors.torch import save_file
 from toolkit.config import load_config
 from toolkit.errors import ToolkitError
 from train.inference import aggregate_patient, load_fold_models, predict_probs
-from train.model import create_classifier, load_classifier, save_classifier, set_trainable_blocks
+from train.model import (
+    create_classifier,
+    load_classifier,
+    resolve_weights,
+    save_classifier,
+    set_trainable_blocks,
+)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -58,6 +64,7 @@ def test_torchvision_weights_file_is_converted_and_matches_torchvision() -> None
     reference.load_state_dict(state)
     reference.eval()
 
+    assert resolve_weights("torchvision").is_file()  # the hub cache or this installed package
     model = create_classifier(_cfg(model="mobilenetv2_100", pretrained=True, weights=str(path), trainable_blocks=2))
     model.eval()
     assert model.conv_stem.in_channels == 1 and model.classifier.out_features == 1

