@@ -98,3 +98,9 @@ def test_bad_set_override_is_one_line_error(tmp_path):
     assert result.exit_code == 2
     assert "error: unknown config key 'phantom.nope'" in result.output
     assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("name", ["default", "demo"])
+def test_shipped_configs_load(name):
+    cfg = load_config(name)
+    assert cfg.train.model and cfg.data.windows

@@ -10,7 +10,6 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
-from rich.text import Text
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -22,6 +21,7 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.text import Text
 
 from toolkit.config import Config, load_config, parse_overrides, resolve_config_path
 from toolkit.errors import ToolkitError
@@ -63,7 +63,10 @@ def handle_errors(fn: F) -> F:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(code=2) from None
         except KeyboardInterrupt:
-            typer.echo("interrupted: finished work is kept; re-run the command to continue (gen and train: add --resume)", err=True)
+            typer.echo(
+                "interrupted: finished work is kept; re-run the command to continue (gen and train: add --resume)",
+                err=True,
+            )
             raise typer.Exit(code=130) from None
 
     return wrapper  # type: ignore[return-value]

@@ -62,13 +62,17 @@ class Workspace:
         """(stage, done, detail) for each stage in pipeline order."""
         rows: list[tuple[str, bool, str]] = []
         has_data = (self.data_dir / "train.csv").exists()
-        rows.append(("data", has_data, str(self.data_dir) if has_data else "no data/train.csv: run `toolkit demo-data` or copy the RSNA data into data/"))
+        hint = "no data/train.csv: run `toolkit demo-data` or copy the RSNA data into data/"
+        rows.append(("data", has_data, str(self.data_dir) if has_data else hint))
         has_store = (self.store_dir / "manifest.csv").exists()
-        rows.append(("prepare", has_store, str(self.store_dir) if has_store else "no slice store: run `toolkit prepare`"))
+        hint = "no slice store: run `toolkit prepare`"
+        rows.append(("prepare", has_store, str(self.store_dir) if has_store else hint))
         done = [o for o in ORGANS if (self.synthetic_dir(o) / "manifest.csv").exists()]
-        rows.append(("gen", bool(done), f"synthetic sets for: {', '.join(done)}" if done else "no synthetic slices: run `toolkit gen --organ all`"))
-        runs = sorted(p.name for p in self.runs_dir.glob("*") if (p / "config.yaml").exists()) if self.runs_dir.exists() else []
+        hint = "no synthetic slices: run `toolkit gen --organ all`"
+        rows.append(("gen", bool(done), f"synthetic sets for: {', '.join(done)}" if done else hint))
+        runs = sorted(p.name for p in self.runs_dir.glob("*") if (p / "config.yaml").exists())
         rows.append(("train", bool(runs), f"runs: {', '.join(runs)}" if runs else "no runs: run `toolkit train`"))
-        reports = sorted(p.name for p in self.reports_dir.glob("*") if p.is_dir()) if self.reports_dir.exists() else []
-        rows.append(("compare", bool(reports), f"reports: {', '.join(reports)}" if reports else "no report: run `toolkit compare`"))
+        reports = sorted(p.name for p in self.reports_dir.glob("*") if p.is_dir())
+        hint = "no report: run `toolkit compare`"
+        rows.append(("compare", bool(reports), f"reports: {', '.join(reports)}" if reports else hint))
         return rows
