@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import sys
 
 # mallopt parameters from glibc's <malloc.h>.
@@ -54,3 +55,22 @@ def tune_malloc(trim_threshold: int = 1 << 30) -> bool:
     ok = bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, int(trim_threshold)))
     _TUNED = ok
     return ok
+
+
+def passive_openmp() -> bool:
+    """Let idle OpenMP threads sleep instead of spinning (``OMP_WAIT_POLICY=PASSIVE``).
+
+    Must run before ``torch`` is imported (OpenMP reads it when it loads); a value the
+    user already set is kept. On a 2-core machine shared with other work, spinning threads
+    of a 2-thread torch process fight the other processes: training mobilenetv2_100 at
+    64 px measured 14 img/s spinning vs 38 img/s passive (load average 5).
+
+    Returns
+    -------
+    bool
+        False if torch was already imported (too late to take effect).
+    """
+    if "torch" in sys.modules:
+        return False
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    return True
