@@ -20,6 +20,7 @@ runner = CliRunner()
 def test_config_layers_defaults_file_and_overrides(tmp_path):
     cfg = load_config("demo", parse_overrides(["train.epochs=7", "seed=3", "data.windows=[[40,400],[300,1500]]"]))
     assert cfg.train.epochs == 7 and cfg.seed == 3
+    assert parse_overrides(["train.lr=1e-4"]) == {"train": {"lr": 1e-4}}
     assert cfg.data.size == 64  # from demo.yaml
     assert cfg.train.weight_decay == 1e-4  # dataclass default, absent from the yaml
     assert cfg.data.windows == [[40, 400], [300, 1500]]

@@ -53,7 +53,9 @@ _register_all()
 
 def main() -> None:
     """Console-script entry point."""
-    from toolkit.runtime import tune_malloc
+    from toolkit.runtime import passive_openmp, tune_malloc
+
+    passive_openmp()  # effective only if torch is not imported yet
 
     # Before torch allocates: CPU training reuses large activation buffers instead of
     # re-faulting them every step (about 2x at 224 px on a 2-core CPU; see benchmarks/bench_train.py).

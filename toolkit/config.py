@@ -165,6 +165,17 @@ def _merge(obj: Any, values: dict[str, Any], where: str) -> Any:
     return dataclasses.replace(obj, **changes)
 
 
+def _parse_value(raw: str) -> Any:
+    """A YAML value, except that ``1e-4`` is a float (YAML 1.1 reads it as a string)."""
+    value = yaml.safe_load(raw)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
 def parse_overrides(items: list[str] | None) -> dict[str, Any]:
     """``["train.epochs=3", "seed=1"]`` -> nested dict; values are parsed as YAML."""
     out: dict[str, Any] = {}
@@ -176,7 +187,7 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
         parts = key.strip().split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
-        node[parts[-1]] = yaml.safe_load(raw)
+        node[parts[-1]] = _parse_value(raw)
     return out
 
 
