@@ -32,6 +32,7 @@ from gen.base import (
 from gen.models.unet import build_unet
 from gen.registry import register_generator
 from gen.sampling import create_sampler, denoise
+from toolkit.errors import ToolkitError
 
 
 @register_generator("diffusion")
@@ -46,11 +47,26 @@ class DiffusionGenerator(BaseGenerator):
         return build_unet(self.image_size, self.n_classes, self.cfg.unet_channels, self.cfg.layers_per_block)
 
     def _architecture_keys(self) -> tuple[str, ...]:
-        return ("image_size", "unet_channels", "layers_per_block", "num_train_timesteps", "beta_schedule")
+        return (
+            "image_size",
+            "unet_channels",
+            "layers_per_block",
+            "num_train_timesteps",
+            "beta_schedule",
+            "prediction_type",
+        )
 
     def noise_scheduler(self) -> DDPMScheduler:
         """The training noise schedule; samplers are built from its config."""
-        return DDPMScheduler(num_train_timesteps=self.cfg.num_train_timesteps, beta_schedule=self.cfg.beta_schedule)
+        if self.cfg.prediction_type not in ("epsilon", "v_prediction"):
+            raise ToolkitError(
+                f"unknown gen.prediction_type '{self.cfg.prediction_type}'; choose epsilon or v_prediction"
+            )
+        return DDPMScheduler(
+            num_train_timesteps=self.cfg.num_train_timesteps,
+            beta_schedule=self.cfg.beta_schedule,
+            prediction_type=self.cfg.prediction_type,
+        )
 
     def fit(
         self,
@@ -110,7 +126,9 @@ class DiffusionGenerator(BaseGenerator):
 
             noisy = train_scheduler.add_noise(x0, noise, t)
             pred = unet(noisy, t, class_labels=y).sample
-            loss = F.mse_loss(pred.float(), noise.float())
+            # The UNet predicts the noise, or with v_prediction v = sqrt(a) * noise - sqrt(1 - a) * x0.
+            target = noise if cfg.prediction_type == "epsilon" else train_scheduler.get_velocity(x0, noise, t)
+            loss = F.mse_loss(pred.float(), target.float())
             optimizer.zero_grad(set_to_none=True)
             accelerator.backward(loss)
             if accelerator.sync_gradients:

@@ -107,6 +107,18 @@ def test_fit_sample_deterministic_and_pretrained_roundtrip(model, train_images, 
     np.testing.assert_array_equal(again.sample(n_per_class=3, seed=7), a)
 
 
+def test_diffusion_noise_target_and_every_sampler(train_images):
+    x, y = train_images
+    gen = create_generator("diffusion", tiny_config(prediction_type="epsilon").gen, seed=0).fit(x, y)
+    for sampler in ("dpm", "ddim", "ddpm"):
+        out = gen.sample(n_per_class=1, seed=0, sampler=sampler)
+        assert out.shape == (2, 16, 16) and np.isfinite(out).all()
+    with pytest.raises(ToolkitError, match="unknown sampler 'euler'"):
+        gen.sample(n_per_class=1, sampler="euler")
+    with pytest.raises(ToolkitError, match="unknown gen.prediction_type 'x0'"):
+        create_generator("diffusion", tiny_config(prediction_type="x0").gen).fit(x, y)
+
+
 @pytest.mark.parametrize("model", ["gan", "diffusion"])
 def test_resume_after_interruption_equals_uninterrupted_run(model, train_images, tmp_path):
     x, y = train_images

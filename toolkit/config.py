@@ -81,6 +81,10 @@ class GenConfig:
     sampler: str = "dpm"  # dpm | ddim | ddpm
     sample_steps: int = 20  # dpm/ddim steps; ddpm always uses num_train_timesteps
     beta_schedule: str = "linear"  # DDPMScheduler noise schedule (linear | scaled_linear | squaredcos_cap_v2)
+    # UNet target: v_prediction (Salimans & Ho 2022) or epsilon (the noise, as in DDPM). With epsilon,
+    # short runs got each slice's overall brightness wrong (grey air): at the noisiest steps x0 is
+    # recovered as (x - sqrt(1-a) eps) / sqrt(a), which multiplies small noise errors ~150x.
+    prediction_type: str = "v_prediction"
     # gan
     z_dim: int = 128
     ngf: int = 64
