@@ -237,6 +237,7 @@ def test_refuses_to_overwrite_without_force(phantom, tmp_path):
         ({"prevalence": {"lung": 0.1}}, "unknown organ"),
         ({"slices": 1}, "phantom.slices"),
         ({"image_level_fraction": 1.5}, "image_level_fraction"),
+        ({"image_level_organs": ["lung"]}, "image_level_organs has unknown organ"),
     ],
 )
 def test_bad_config_is_a_one_line_error(tmp_path, change, message):
@@ -260,3 +261,25 @@ def test_rle_encoder_round_trips_through_pydicom():
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
         ds.PixelData = encapsulate([encoded])
         np.testing.assert_array_equal(ds.pixel_array, frames[k])
+
+
+def test_image_level_labels_for_every_organ_mark_the_slices_showing_it(tmp_path):
+    """The demo lists injured slices for all five organs; prepare turns them into slice labels."""
+    out = tmp_path / "data"
+    cfg = tiny_config(image_level_organs=list(ORGANS), image_level_fraction=1.0)
+    write_phantom(out, cfg, seed=1)
+    labels = pd.read_csv(out / "image_level_labels.csv")
+    name_to_organ = {"Bowel": "bowel", "Active_Extravasation": "extravasation"}
+    name_to_organ |= {"Kidney": "kidney", "Liver": "liver", "Spleen": "spleen"}
+    assert set(labels.injury_name) <= set(name_to_organ)
+    train = pd.read_csv(out / "train.csv")
+    meta = pd.read_csv(out / "train_series_meta.csv")
+    for row in meta.itertuples():
+        truth = np.load(out / "phantom_truth" / f"{row.series_id}.npz")
+        grades = train[train.patient_id == row.patient_id].iloc[0]
+        for name, organ in name_to_organ.items():
+            listed = set(labels.instance_number[(labels.series_id == row.series_id) & (labels.injury_name == name)])
+            area = (truth["injury"] == ORGAN_CODES[organ]).sum(axis=(1, 2))
+            showing = set(truth["instance_number"][area >= 2].tolist())
+            # Every injured series of every organ is annotated, on exactly the slices that show it.
+            assert listed == (showing if grades[f"{organ}_healthy"] == 0 else set()), (row.series_id, organ)

@@ -392,3 +392,23 @@ def test_phantom_through_process_pool(phantom: Path, tmp_path: Path) -> None:
     values = identifying_values(phantom)
     assert len(values) > 20
     assert_no_bytes_in_store(tmp_path / "pool", values)
+
+
+def test_solid_organ_slice_annotations_label_only_their_series() -> None:
+    """Liver rows label one series; RSNA's Bowel rows say nothing about the liver of another."""
+    from toolkit.data.labels import slice_labels
+
+    slices = pd.DataFrame(
+        {"patient_id": [1] * 8 + [2] * 4, "series_id": [10] * 4 + [11] * 4 + [20] * 4, "instance": [1, 2, 3, 4] * 3}
+    )
+    grades = pd.DataFrame(
+        {"patient_id": [1, 2], "bowel": [0, 1], "extravasation": [0, 0], "kidney": [0, 0], "liver": [2, 1]}
+        | {"spleen": [0, 0]}
+    )
+    image_labels = pd.DataFrame(
+        {"series_id": [10, 10, 20], "instance_number": [2, 3, 4], "organ": ["liver", "liver", "bowel"]}
+    )
+    out = slice_labels(slices, grades, image_labels)
+    assert out["liver"].tolist() == [0, 2, 2, 0] + [2] * 4 + [1] * 4  # series 11 and 20: patient grade
+    assert out["bowel"].tolist() == [0] * 8 + [0, 0, 0, 1]
+    assert (out["liver_patient"] == [2] * 8 + [1] * 4).all()

@@ -42,7 +42,10 @@ class PhantomConfig:
     high_grade_fraction: dict[str, float] = field(
         default_factory=lambda: {"kidney": 0.37, "liver": 0.19, "spleen": 0.44}
     )
-    image_level_fraction: float = 0.5  # injured bowel/extravasation series that get image-level labels
+    # Organs whose injured slices image_level_labels.csv lists (RSNA: bowel and extravasation only;
+    # the demo lists all five so 100 patients suffice to learn from slices, not just patient labels).
+    image_level_organs: list[str] = field(default_factory=lambda: ["bowel", "extravasation"])
+    image_level_fraction: float = 0.5  # injured series (in those organs) that get image-level labels
     incomplete_organ_fraction: float = 0.07
 
 

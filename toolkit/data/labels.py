@@ -9,7 +9,10 @@ Slice labels (the ``<organ>`` manifest column; ``<organ>_patient`` is always the
   the label is 1 exactly on the listed instance numbers (``Bowel`` -> bowel,
   ``Active_Extravasation`` -> extravasation) and 0 on every other slice of that series. A series
   without image-level rows takes the patient grade on every slice.
-- ``kidney``, ``liver``, ``spleen``: the patient grade on every slice (RSNA gives no slice labels).
+- ``kidney``, ``liver``, ``spleen``: the patient grade on every slice, as RSNA gives no slice labels
+  for them. This toolkit also reads ``Kidney``, ``Liver`` and ``Spleen`` rows (slice annotations of
+  your own data, or the demo phantom's): where a series has rows for the organ, the label is the
+  patient grade (at least 1) on the listed instances and 0 on the series' other slices.
 """
 
 from __future__ import annotations
@@ -37,7 +40,13 @@ SERIES_META_COLUMNS: tuple[str, ...] = ("patient_id", "series_id")
 SERIES_META_OPTIONAL: tuple[str, ...] = ("aortic_hu", "incomplete_organ")
 IMAGE_LABEL_COLUMNS: tuple[str, ...] = ("patient_id", "series_id", "instance_number", "injury_name")
 
-INJURY_NAMES: dict[str, str] = {"Bowel": "bowel", "Active_Extravasation": "extravasation"}
+INJURY_NAMES: dict[str, str] = {
+    "Bowel": "bowel",
+    "Active_Extravasation": "extravasation",
+    "Kidney": "kidney",
+    "Liver": "liver",
+    "Spleen": "spleen",
+}
 """``injury_name`` values of image_level_labels.csv -> organ."""
 
 
@@ -154,15 +163,18 @@ def slice_labels(
     out = pd.DataFrame(index=slices.index)
     labelled_series = set() if image_labels is None else set(image_labels["series_id"].astype(np.int64))
     has_image_labels = slices["series_id"].isin(labelled_series).to_numpy()
+    keys = pd.MultiIndex.from_arrays([slices["series_id"], slices["instance"]])
     for organ in ORGANS:
         patient_grade = patient[organ].to_numpy().astype(np.int64)
         label = patient_grade.copy()
-        if organ in BINARY_ORGANS and image_labels is not None and has_image_labels.any():
+        if image_labels is not None and has_image_labels.any():
             rows = image_labels[image_labels["organ"] == organ]
-            listed = pd.MultiIndex.from_arrays([rows["series_id"], rows["instance_number"]])
-            keys = pd.MultiIndex.from_arrays([slices["series_id"], slices["instance"]])
-            on_list = keys.isin(listed)
-            label = np.where(has_image_labels, on_list.astype(np.int64), patient_grade)
+            on_list = keys.isin(pd.MultiIndex.from_arrays([rows["series_id"], rows["instance_number"]]))
+            if organ in BINARY_ORGANS:
+                label = np.where(has_image_labels, on_list.astype(np.int64), patient_grade)
+            else:  # only series annotated for this organ; RSNA's bowel/extravasation rows say nothing of it
+                annotated = slices["series_id"].isin(set(rows["series_id"].astype(np.int64))).to_numpy()
+                label = np.where(annotated, np.where(on_list, np.maximum(patient_grade, 1), 0), patient_grade)
         out[organ] = label
         out[f"{organ}_patient"] = patient_grade
     return out

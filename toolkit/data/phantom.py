@@ -94,7 +94,14 @@ def label_columns() -> list[str]:
 LABEL_COLUMNS: tuple[str, ...] = tuple(label_columns())
 SERIES_META_COLUMNS: tuple[str, ...] = ("patient_id", "series_id", "aortic_hu", "incomplete_organ")
 IMAGE_LEVEL_COLUMNS: tuple[str, ...] = ("patient_id", "series_id", "instance_number", "injury_name")
-IMAGE_LEVEL_NAMES: dict[str, str] = {"extravasation": "Active_Extravasation", "bowel": "Bowel"}
+# RSNA 2023 names for bowel and extravasation; kidney, liver and spleen are this toolkit's extension.
+IMAGE_LEVEL_NAMES: dict[str, str] = {
+    "extravasation": "Active_Extravasation",
+    "bowel": "Bowel",
+    "kidney": "Kidney",
+    "liver": "Liver",
+    "spleen": "Spleen",
+}
 
 # Pixel storage variants seen in RSNA 2023: (numpy dtype, BitsStored, RescaleIntercept, padding).
 _FORMATS: tuple[tuple[str, int, float, int | None], ...] = (
@@ -105,6 +112,7 @@ _FORMATS: tuple[tuple[str, int, float, int | None], ...] = (
 )
 _ORDERS: tuple[str, ...] = ("head_first", "feet_first", "shuffled")  # InstanceNumber vs z
 _MIN_LESION_PX_64 = 9  # an injury covers at least this many pixels at 64x64 on its best slice
+_MIN_LABEL_PX_64 = 2  # a slice is listed in image_level_labels.csv when its injury covers this many
 
 
 # --------------------------------------------------------------------------- cohort plan
@@ -146,6 +154,9 @@ def _check_config(cfg: PhantomConfig, seed: int) -> None:
         value = getattr(cfg, name)
         if not 0.0 <= value <= 1.0:
             raise ToolkitError(f"phantom.{name} must be in [0, 1], got {value}")
+    unknown = sorted(set(cfg.image_level_organs) - set(ORGANS))
+    if unknown:
+        raise ToolkitError(f"phantom.image_level_organs has unknown organ(s) {unknown}; valid: {', '.join(ORGANS)}")
     for name, organs in (("prevalence", ORGANS), ("high_grade_fraction", GRADED_ORGANS)):
         values = getattr(cfg, name)
         unknown = sorted(set(values) - set(organs))
@@ -197,7 +208,7 @@ class _SeriesResult:
     aortic_hu: float
     incomplete: bool
     n_slices: int
-    # instance numbers of slices showing each image-level injury ("bowel", "extravasation")
+    # instance numbers of slices on which each organ's injury shows (at least _MIN_LABEL_PX_64 pixels)
     injured_instances: dict[str, list[int]]
 
 
@@ -428,8 +439,9 @@ def _write_series(
         injury=canvas.injury[order],
     )
     injured = {}
+    min_px = _MIN_LABEL_PX_64 * (canvas.injury.shape[-1] / 64.0) ** 2
     for organ in IMAGE_LEVEL_NAMES:
-        shows = (canvas.injury == ORGAN_CODES[organ]).any(axis=(1, 2))
+        shows = (canvas.injury == ORGAN_CODES[organ]).sum(axis=(1, 2)) >= min_px
         injured[organ] = sorted(int(i) for i in inst[shows])
     return _SeriesResult(sp.series_id, round(s["hu"]["aorta"], 1), sp.incomplete, n, injured)
 
@@ -511,12 +523,12 @@ def write_phantom(out_dir: Path, cfg: PhantomConfig, seed: int = 0, force: bool 
             n_slices += sum(r.n_slices for r in res)
             progress.update(task, advance=1, info=f"{n_slices} slices")
 
-    # Image-level labels for an exact share of the injured bowel / extravasation series.
+    # Image-level labels for an exact share of the series injured in cfg.image_level_organs.
     candidates = [
         (plan, r)
         for plan, res in results
         for r in res
-        if plan.grades["bowel"] or plan.grades["extravasation"]
+        if any(plan.grades[organ] for organ in cfg.image_level_organs)
     ]
     rng = np.random.default_rng([seed, 5])
     chosen = sorted(_exact_subset(rng, len(candidates), cfg.image_level_fraction).tolist())
@@ -524,7 +536,7 @@ def write_phantom(out_dir: Path, cfg: PhantomConfig, seed: int = 0, force: bool 
     for i in chosen:
         plan, r = candidates[i]
         for organ, name in IMAGE_LEVEL_NAMES.items():
-            if plan.grades[organ]:
+            if plan.grades[organ] and organ in cfg.image_level_organs:
                 image_rows += [
                     (plan.patient_id, r.series_id, inst, name) for inst in r.injured_instances[organ]
                 ]

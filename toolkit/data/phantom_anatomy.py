@@ -689,15 +689,17 @@ class AnatomyModel:
         if organ in ("liver", "spleen", "kidney"):
             side = int(rng.choice([-1, 1])) if organ == "kidney" else 0
             lo, hi = self.organ_range(organ, side)
-            tc = u(lo, hi)
+            tc = u(lo + 0.25 * (hi - lo), hi - 0.25 * (hi - lo))
             cx, cy, ax, ay, angle = self.organ_centre(organ, tc, side)
             # A point inside the organ, away from its rim.
             r, a = np.sqrt(u(0, 1)) * 0.5, u(0, 2 * np.pi)
             ox, oy = r * ax * np.cos(a), r * ay * np.sin(a)
             c, s = np.cos(angle), np.sin(angle)
             x, y = cx + ox * c - oy * s, cy + ox * s + oy * c
-            half_mm = u(25.0, 45.0) if high else u(10.0, 22.0)
-            radius = (u(18.0, 28.0), u(15.0, 24.0)) if high else (u(11.0, 16.0), u(10.0, 14.0))
+            # Lacerations and hematomas run several centimetres craniocaudally, so an injured organ
+            # shows its injury on a good share of its slices (half the organ's length or more).
+            half_t = (u(0.55, 0.75) if high else u(0.4, 0.55)) * (hi - lo) + 0.06
+            radius = (u(26.0, 36.0), u(22.0, 30.0)) if high else (u(18.0, 26.0), u(15.0, 22.0))
             branches = []
             for _ in range(int(rng.integers(3, 6)) if high else int(rng.integers(1, 3))):
                 length = u(30.0, 65.0) if high else u(16.0, 30.0)
@@ -711,13 +713,14 @@ class AnatomyModel:
                 organ=organ,
                 grade=grade,
                 tc=tc,
-                half_t=max(half_mm / self.length_mm, min_half_t),
+                half_t=max(half_t, min_half_t),
                 x=x,
                 y=y,
                 radius=radius,
                 angle=u(0, np.pi),
                 shape=shape,
-                delta=u(25.0, 40.0) if organ != "kidney" else u(40.0, 70.0),
+                # Portal-venous parenchyma enhances to ~100-130 HU, unenhancing clot ~50-70 HU.
+                delta=u(45.0, 65.0) if organ != "kidney" else u(70.0, 100.0),
                 branches=branches,
                 width=u(5.0, 7.0) if high else u(4.0, 6.0),
                 side=side,
@@ -747,10 +750,10 @@ class AnatomyModel:
                 organ=organ,
                 grade=1,
                 tc=tc,
-                half_t=max(u(10.0, 22.0) / self.length_mm, min_half_t),
+                half_t=max(u(25.0, 45.0) / self.length_mm, min_half_t),
                 x=float(x),
                 y=float(y),
-                radius=(u(9.0, 13.0), u(8.0, 12.0)),
+                radius=(u(11.0, 16.0), u(10.0, 14.0)),
                 angle=u(0, np.pi),
                 shape=shape,
                 delta=u(0.9, 1.15),
@@ -773,7 +776,7 @@ class AnatomyModel:
                 organ=organ,
                 grade=1,
                 tc=tc,
-                half_t=max(u(12.0, 25.0) / self.length_mm, min_half_t),
+                half_t=max(u(30.0, 50.0) / self.length_mm, min_half_t),
                 x=0.0,
                 y=0.0,
                 radius=(loop.radius, loop.radius),

@@ -62,7 +62,8 @@ STORE_FILES = (IMAGES_FILE, MANIFEST_FILE, META_FILE, ERRORS_FILE, SPLIT_FILE, C
 
 SLICE_LABEL_RULE = (
     "bowel/extravasation: 1 on instances listed in image_level_labels.csv where the series has such rows, "
-    "else the patient grade; kidney/liver/spleen: the patient grade"
+    "else the patient grade; kidney/liver/spleen: the patient grade (at least 1) on instances listed as "
+    "Kidney/Liver/Spleen where the series has rows for that organ, 0 on its other slices, else the patient grade"
 )
 
 
