@@ -30,6 +30,7 @@ TINY = [
     "gen.ndf=8",
     "gen.audit_feature_epochs=1",
     "train.model=mobilenetv2_050",
+    "train.pretrained=false",
     "train.image_size=32",
     "train.epochs=1",
     "train.epoch_size=32",
