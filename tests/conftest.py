@@ -78,3 +78,14 @@ def make_toy_slice_set(
 @pytest.fixture
 def toy_slice_set() -> SliceSet:
     return make_toy_slice_set()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread per test module: the nets are tiny and other jobs share this machine's 2 cores."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

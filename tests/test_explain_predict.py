@@ -84,13 +84,7 @@ def write_tiny_run(root: Path, name: str, aggregate: str = "max", seed: int = 0)
     return run
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: these nets are tiny, and CPU tests run beside other work on 2 cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from conftest import make_toy_slice_set
 from typer.testing import CliRunner
 
@@ -24,13 +23,7 @@ ORGAN = "liver"
 NEAR_COPY_HU = 3000  # near-copy synthetic slices are painted with this, so training can be checked for them
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Other jobs share this machine's 2 cores; one thread avoids OpenMP spin contention.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_config(**train: object) -> Config:

@@ -23,14 +23,7 @@ from train.model import (
     set_trainable_blocks,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Other jobs share this machine's 2 cores; one thread avoids OpenMP spin contention.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _cfg(**train: object):
