@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from toolkit.errors import ToolkitError
-from train.balancer import REAL, SYNTHETIC, Balancer, split_counts
+from train.balancer import REAL, SYNTHETIC, Balancer, series_position, split_counts
 
 
 def _real(n_pos: int = 10, n_neg: int = 90) -> tuple[np.ndarray, np.ndarray]:
@@ -95,3 +95,35 @@ def test_bad_settings_are_refused() -> None:
         Balancer(index, labels, epoch_size=63, ratio=0.0, seed=0, fold=0)
     with pytest.raises(ToolkitError, match="needs a synthetic pool"):
         Balancer(index, labels, None, epoch_size=64, ratio=0.5, seed=0, fold=0)
+
+
+def test_series_position_ranks_slices_within_their_series() -> None:
+    series = np.array([7, 7, 7, 9, 9, 3])
+    z = np.array([-10.0, 20.0, 5.0, 1.0, 0.0, 4.0])
+    assert series_position(series, z).tolist() == [0.0, 1.0, 0.5, 1.0, 0.0, 0.5]
+
+
+@pytest.mark.parametrize("share", [0.0, 0.5, 1.0])
+def test_matched_negatives_come_from_the_levels_of_the_injured_slices(share: float) -> None:
+    # 20 series of 10 slices; injuries only on levels 0.3-0.5 (the organ's levels).
+    position = np.tile(np.linspace(0.0, 1.0, 10), 20)
+    labels = ((position > 0.25) & (position < 0.5) & (np.arange(200) < 100)).astype(np.int64)
+    index = np.arange(200)
+    plan = Balancer(index, labels, epoch_size=400, ratio=0.0, seed=0, fold=0,
+                    real_position=position, matched_negatives=share).plan(0)
+
+    negatives = plan.index[plan.label == 0]
+    assert len(negatives) == 200 and labels[negatives].max() == 0
+    at_level = (position > 0.25) & (position < 0.5)
+    at_injury_levels = at_level[negatives].mean()
+    uniform = at_level[labels == 0].mean()  # 20 of the 180 healthy slices
+    assert at_injury_levels == pytest.approx(share + (1 - share) * uniform, abs=0.08)
+
+
+def test_matched_negatives_need_positions_and_a_share_in_range() -> None:
+    index, labels = _real()
+    with pytest.raises(ToolkitError, match="real_position"):
+        Balancer(index, labels, epoch_size=64, ratio=0.0, seed=0, fold=0, matched_negatives=0.5)
+    with pytest.raises(ToolkitError, match="matched_negatives must lie in"):
+        Balancer(index, labels, epoch_size=64, ratio=0.0, seed=0, fold=0,
+                 real_position=np.zeros(len(index)), matched_negatives=1.5)

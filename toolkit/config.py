@@ -121,6 +121,9 @@ class TrainConfig:
     # baseline with the same epoch_size, i.e. the same number of optimizer steps); see train/balancer.py.
     synthetic_ratio: float = 0.0
     synthetic_max_repeat: int = 4  # most times one synthetic slice may appear in one epoch
+    # Share of real healthy samples drawn from the series levels where the injured slices are
+    # (hard negatives that show the organ); the rest uniform. See train/balancer.py.
+    matched_negatives: float = 0.5
     patience: int = 3  # early stopping on validation AUC, epochs
     augment: bool = True
     aggregate: str = "max"  # patient score from slice scores: max | topk

@@ -21,6 +21,20 @@ repeats more than ``ceil(m / n)`` times. Synthetic slices may repeat at most
 command that makes enough. Real slices may repeat as often as needed (that is what
 count-matching the minority class means).
 
+Hard negatives
+--------------
+A CT series holds an organ on some of its slices only, while every injured slice shows
+it: drawn uniformly, most healthy samples lack the organ and the classifier learns
+"the organ is on this slice" instead of the injury (and then every patient's
+organ-bearing slices score alike). A share ``h = cfg.train.matched_negatives`` of the
+real healthy samples is therefore drawn *position-matched*: each slice's relative level
+in its series (0 = lowest z, 1 = highest) is binned into ``POSITION_BINS`` bins, and
+those healthy samples are spread over the bins as the real injured slices are, so they
+come from the levels where injuries are and mostly show the organ. The other ``1 - h``
+are drawn uniformly, so slices without the organ still teach "healthy". Where injured
+slices spread over the whole series (patient labels on every slice) matching changes
+little. Synthetic slices have no level and are drawn uniformly.
+
 Sampling uses ``np.random.default_rng([seed, fold, epoch])``: the plan of an epoch
 depends on nothing else, which makes interrupted runs resume exactly.
 """
@@ -31,11 +45,13 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 
 from toolkit.errors import ToolkitError
 
 REAL: int = 0
 SYNTHETIC: int = 1
+POSITION_BINS: int = 10
 
 
 @dataclass(frozen=True)
@@ -73,6 +89,36 @@ def gen_command_count(per_class: int, near_copy_fraction: float = 0.0) -> int:
     return int(math.ceil(2 * per_class / keep))
 
 
+def series_position(series_id: np.ndarray, z: np.ndarray) -> np.ndarray:
+    """Relative level of every slice in its series: rank of ``z`` scaled to [0, 1] (0.5 if alone).
+
+    Parameters
+    ----------
+    series_id, z : ndarray of shape (n,)
+        Series of each slice and its position along the patient axis (mm).
+
+    Returns
+    -------
+    ndarray of shape (n,), dtype=float64
+    """
+    frame = pd.DataFrame({"series": np.asarray(series_id), "z": np.asarray(z, dtype=np.float64)})
+    rank = frame.groupby("series")["z"].rank(method="first").to_numpy() - 1.0
+    count = frame.groupby("series")["z"].transform("size").to_numpy()
+    return np.where(count > 1, rank / np.maximum(count - 1, 1), 0.5)
+
+
+def _matched_counts(pos_bins: np.ndarray, neg_bins: np.ndarray, m: int) -> np.ndarray:
+    """``m`` split over the bins as ``pos_bins`` are spread (largest remainder), bins without negatives skipped."""
+    weight = np.bincount(pos_bins, minlength=POSITION_BINS).astype(np.float64)
+    weight[np.bincount(neg_bins, minlength=POSITION_BINS) == 0] = 0.0
+    if weight.sum() == 0:
+        return np.zeros(POSITION_BINS, dtype=np.int64)
+    share = weight / weight.sum() * m
+    counts = np.floor(share).astype(np.int64)
+    counts[np.argsort(counts - share, kind="stable")[: m - counts.sum()]] += 1
+    return counts
+
+
 def _draw(rng: np.random.Generator, candidates: np.ndarray, m: int) -> np.ndarray:
     """``m`` items of ``candidates``: whole shuffled passes, then a partial one without replacement."""
     if m == 0:
@@ -107,6 +153,11 @@ class Balancer:
         Named in error messages.
     near_copy_fraction : float, default=0.0
         Share of the synthetic pool flagged as near copies (sizes the suggested ``toolkit gen --n``).
+    real_position : ndarray of shape (n_real,), optional
+        Relative level of each real slice in its series (:func:`series_position`); needed when
+        ``matched_negatives > 0``.
+    matched_negatives : float, default=0.0
+        Share ``h`` of the real healthy samples drawn position-matched to the injured slices.
     """
 
     def __init__(
@@ -122,6 +173,8 @@ class Balancer:
         max_repeat: int = 4,
         organ: str = "organ",
         near_copy_fraction: float = 0.0,
+        real_position: np.ndarray | None = None,
+        matched_negatives: float = 0.0,
     ) -> None:
         if not 0.0 <= ratio <= 1.0:
             raise ToolkitError(f"train.synthetic_ratio must lie in [0, 1], got {ratio}")
@@ -142,7 +195,18 @@ class Balancer:
         self.organ = organ
         self.real_per_class, self.synthetic_per_class = split_counts(self.epoch_size, self.ratio)
 
+        if not 0.0 <= matched_negatives <= 1.0:
+            raise ToolkitError(f"train.matched_negatives must lie in [0, 1], got {matched_negatives}")
+        if matched_negatives > 0 and (real_position is None or len(real_position) != len(self.real_index)):
+            raise ToolkitError("balancer: matched_negatives > 0 needs one real_position per real row")
         self._real = (self.real_index[~real_labels], self.real_index[real_labels])
+        self.matched_negatives = float(matched_negatives)
+        if self.matched_negatives > 0:
+            bins = np.minimum((np.asarray(real_position) * POSITION_BINS).astype(np.int64), POSITION_BINS - 1)
+            neg_bins = bins[~real_labels]
+            n_matched = int(round(self.matched_negatives * self.real_per_class))
+            self._matched = _matched_counts(bins[real_labels], neg_bins, n_matched)
+            self._neg_by_bin = [self._real[0][neg_bins == b] for b in range(POSITION_BINS)]
         n_neg, n_pos = (len(c) for c in self._real)
         if self.real_per_class and (n_pos == 0 or n_neg == 0):
             raise ToolkitError(
@@ -178,7 +242,10 @@ class Balancer:
             pools.append((SYNTHETIC, self._synthetic, self.synthetic_per_class))
         for source, (healthy, injured), per_class in pools:
             for label, candidates in ((0, healthy), (1, injured)):
-                drawn = _draw(rng, candidates, per_class)
+                if source == REAL and label == 0 and self.matched_negatives > 0:
+                    drawn = self._draw_negatives(rng)
+                else:
+                    drawn = _draw(rng, candidates, per_class)
                 indices.append(drawn)
                 sources.append(np.full(len(drawn), source, dtype=np.int8))
                 labels.append(np.full(len(drawn), label, dtype=np.float32))
@@ -188,3 +255,9 @@ class Balancer:
             index=np.concatenate(indices)[order],
             label=np.concatenate(labels)[order],
         )
+
+    def _draw_negatives(self, rng: np.random.Generator) -> np.ndarray:
+        """Real healthy samples: a share ``h`` position-matched, bin by bin; the rest uniform."""
+        parts = [_draw(rng, self._neg_by_bin[b], int(c)) for b, c in enumerate(self._matched) if c]
+        parts.append(_draw(rng, self._real[0], self.real_per_class - int(self._matched.sum())))
+        return np.concatenate(parts)

@@ -49,7 +49,7 @@ from toolkit.config import Config, save_config
 from toolkit.errors import ToolkitError
 from toolkit.sliceset import MANIFEST_FILE, SliceSet
 from toolkit.workspace import Workspace
-from train.balancer import REAL, Balancer
+from train.balancer import REAL, Balancer, series_position
 from train.data import BalancedEpochDataset, SliceDataset, resize_hu
 from train.engine import DONE_FILE, FoldData, TrainHooks, binary_auc, train_fold
 from train.inference import AGGREGATES, aggregate_patient
@@ -68,7 +68,7 @@ def default_run_name(ratio: float) -> str:
 _NUMBERS = {
     "lr": float, "weight_decay": float, "synthetic_ratio": float, "image_size": int, "epochs": int,
     "epoch_size": int, "batch_size": int, "trainable_blocks": int, "synthetic_max_repeat": int,
-    "patience": int, "top_k": int, "num_workers": int,
+    "matched_negatives": float, "patience": int, "top_k": int, "num_workers": int,
 }
 
 
@@ -333,6 +333,7 @@ def train_run(
     test_rows = np.flatnonzero(~is_train)
     # Resize every needed slice once (train + test rows of the memory-mapped store).
     real = resize_hu(store.images, tc.image_size)
+    position = series_position(table["series_id"].to_numpy(), table["z"].to_numpy())
 
     with _deterministic(accelerator.device.type == "cpu"), make_progress() as progress:
         for organ in organs:
@@ -356,6 +357,8 @@ def train_run(
                     max_repeat=tc.synthetic_max_repeat,
                     organ=organ,
                     near_copy_fraction=0.0 if pool is None else pool.near_copy_fraction,
+                    real_position=position[train_rows],
+                    matched_negatives=tc.matched_negatives,
                 )
                 data = FoldData(
                     organ=organ,
