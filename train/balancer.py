@@ -33,7 +33,9 @@ those healthy samples are spread over the bins as the real injured slices are, s
 come from the levels where injuries are and mostly show the organ. The other ``1 - h``
 are drawn uniformly, so slices without the organ still teach "healthy". Where injured
 slices spread over the whole series (patient labels on every slice) matching changes
-little. Synthetic slices have no level and are drawn uniformly.
+little. Synthetic slices have no level and are drawn uniformly. A matched draw repeats
+slices within its bin, so a healthy slice at a crowded level may come back more than
+``ceil(m / n)`` times.
 
 Sampling uses ``np.random.default_rng([seed, fold, epoch])``: the plan of an epoch
 depends on nothing else, which makes interrupted runs resume exactly.
