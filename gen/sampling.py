@@ -67,7 +67,9 @@ def denoise(
     num_inference_steps : int
         Denoising steps (ignored count for DDPM: pass ``num_train_timesteps``).
     guidance_scale : float
-        ``eps = eps_uncond + s * (eps_cond - eps_uncond)``; 1.0 skips the unconditional pass.
+        ``pred = uncond + s * (cond - uncond)`` on the UNet's output (noise or v, whichever the
+        scheduler's ``prediction_type`` says; the guidance is linear in either); 1.0 skips the
+        unconditional pass.
     generator : torch.Generator
         CPU generator; initial noise for all n images is drawn first, so the result
         does not depend on the device.
@@ -92,12 +94,12 @@ def denoise(
         for t in scheduler.timesteps:
             if guidance_scale == 1.0:
                 model_in = scheduler.scale_model_input(x, t)
-                eps = unet(model_in, t, class_labels=labels).sample
+                pred = unet(model_in, t, class_labels=labels).sample
             else:
                 model_in = scheduler.scale_model_input(torch.cat([x, x]), t)
-                eps_cond, eps_uncond = unet(model_in, t, class_labels=torch.cat([labels, null])).sample.chunk(2)
-                eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
-            x = scheduler.step(eps, t, x, generator=generator).prev_sample
+                cond, uncond = unet(model_in, t, class_labels=torch.cat([labels, null])).sample.chunk(2)
+                pred = uncond + guidance_scale * (cond - uncond)
+            x = scheduler.step(pred, t, x, generator=generator).prev_sample
         out.append(x.clamp(-1.0, 1.0).float().cpu())
         if callback is not None:
             callback(min(start + batch_size, n))

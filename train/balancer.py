@@ -55,6 +55,9 @@ REAL: int = 0
 SYNTHETIC: int = 1
 POSITION_BINS: int = 10
 
+Stratum = tuple[np.ndarray, int]
+"""Candidates (store or pool rows) and how many samples of one epoch are drawn from them."""
+
 
 @dataclass(frozen=True)
 class EpochPlan:
@@ -119,6 +122,15 @@ def _matched_counts(pos_bins: np.ndarray, neg_bins: np.ndarray, m: int) -> np.nd
     counts = np.floor(share).astype(np.int64)
     counts[np.argsort(counts - share, kind="stable")[: m - counts.sum()]] += 1
     return counts
+
+
+def _position_strata(
+    healthy: np.ndarray, healthy_bins: np.ndarray, injured_bins: np.ndarray, m: int, share: float
+) -> list[Stratum]:
+    """The ``m`` healthy draws: ``share`` of them per level bin as the injured slices lie, the rest uniform."""
+    counts = _matched_counts(injured_bins, healthy_bins, int(round(share * m)))
+    strata = [(healthy[healthy_bins == b], int(c)) for b, c in enumerate(counts) if c]
+    return [*strata, (healthy, m - int(counts.sum()))]
 
 
 def _draw(rng: np.random.Generator, candidates: np.ndarray, m: int) -> np.ndarray:
@@ -201,22 +213,24 @@ class Balancer:
             raise ToolkitError(f"train.matched_negatives must lie in [0, 1], got {matched_negatives}")
         if matched_negatives > 0 and (real_position is None or len(real_position) != len(self.real_index)):
             raise ToolkitError("balancer: matched_negatives > 0 needs one real_position per real row")
-        self._real = (self.real_index[~real_labels], self.real_index[real_labels])
-        self.matched_negatives = float(matched_negatives)
-        if self.matched_negatives > 0:
-            bins = np.minimum((np.asarray(real_position) * POSITION_BINS).astype(np.int64), POSITION_BINS - 1)
-            neg_bins = bins[~real_labels]
-            n_matched = int(round(self.matched_negatives * self.real_per_class))
-            self._matched = _matched_counts(bins[real_labels], neg_bins, n_matched)
-            self._neg_by_bin = [self._real[0][neg_bins == b] for b in range(POSITION_BINS)]
-        n_neg, n_pos = (len(c) for c in self._real)
-        if self.real_per_class and (n_pos == 0 or n_neg == 0):
+        healthy, injured = self.real_index[~real_labels], self.real_index[real_labels]
+        if self.real_per_class and (len(injured) == 0 or len(healthy) == 0):
             raise ToolkitError(
-                f"the training folds of fold {fold} hold {n_pos} injured and {n_neg} healthy real "
+                f"the training folds of fold {fold} hold {len(injured)} injured and {len(healthy)} healthy real "
                 f"{organ} slices; both classes are needed: skip this organ (--organ) or use fewer folds (--folds)"
             )
+        healthy_strata: list[Stratum] = [(healthy, self.real_per_class)]
+        if matched_negatives > 0:
+            bins = np.minimum((np.asarray(real_position) * POSITION_BINS).astype(np.int64), POSITION_BINS - 1)
+            healthy_strata = _position_strata(
+                healthy, bins[~real_labels], bins[real_labels], self.real_per_class, matched_negatives
+            )
+        # (source, label, strata) in drawing order: one epoch draws every stratum once.
+        self._classes: list[tuple[int, int, list[Stratum]]] = [
+            (REAL, 0, healthy_strata),
+            (REAL, 1, [(injured, self.real_per_class)]),
+        ]
 
-        self._synthetic: tuple[np.ndarray, np.ndarray] | None = None
         if self.synthetic_per_class:
             if synthetic_labels is None:
                 raise ToolkitError(
@@ -224,42 +238,32 @@ class Balancer:
                     f"run `toolkit gen --organ {organ}` or pass --synthetic-ratio 0"
                 )
             syn = np.asarray(synthetic_labels) > 0
-            self._synthetic = (np.flatnonzero(~syn), np.flatnonzero(syn))
+            pool = {"healthy": np.flatnonzero(~syn), "injured": np.flatnonzero(syn)}
             need = math.ceil(self.synthetic_per_class / max_repeat)
-            have = {name: len(c) for name, c in zip(("healthy", "injured"), self._synthetic, strict=True)}
-            if min(have.values()) < need:
+            if min(len(c) for c in pool.values()) < need:
                 n = gen_command_count(need, near_copy_fraction)
                 raise ToolkitError(
-                    f"synthetic pool for {organ} has {have['injured']} injured and {have['healthy']} healthy "
-                    f"usable slices; ratio {ratio:g} x epoch_size {epoch_size} needs >= {need} of each "
+                    f"synthetic pool for {organ} has {len(pool['injured'])} injured and {len(pool['healthy'])} "
+                    f"healthy usable slices; ratio {ratio:g} x epoch_size {epoch_size} needs >= {need} of each "
                     f"(each used <= {max_repeat} times per epoch): run `toolkit gen --organ {organ} --n {n}`"
                 )
+            self._classes += [
+                (SYNTHETIC, 0, [(pool["healthy"], self.synthetic_per_class)]),
+                (SYNTHETIC, 1, [(pool["injured"], self.synthetic_per_class)]),
+            ]
 
     def plan(self, epoch: int) -> EpochPlan:
         """The shuffled samples of ``epoch`` (depends only on seed, fold and epoch)."""
         rng = np.random.default_rng([self.seed, self.fold, int(epoch)])
         sources, indices, labels = [], [], []
-        pools = [(REAL, self._real, self.real_per_class)]
-        if self._synthetic is not None:
-            pools.append((SYNTHETIC, self._synthetic, self.synthetic_per_class))
-        for source, (healthy, injured), per_class in pools:
-            for label, candidates in ((0, healthy), (1, injured)):
-                if source == REAL and label == 0 and self.matched_negatives > 0:
-                    drawn = self._draw_negatives(rng)
-                else:
-                    drawn = _draw(rng, candidates, per_class)
-                indices.append(drawn)
-                sources.append(np.full(len(drawn), source, dtype=np.int8))
-                labels.append(np.full(len(drawn), label, dtype=np.float32))
+        for source, label, strata in self._classes:
+            drawn = np.concatenate([_draw(rng, candidates, m) for candidates, m in strata])
+            indices.append(drawn)
+            sources.append(np.full(len(drawn), source, dtype=np.int8))
+            labels.append(np.full(len(drawn), label, dtype=np.float32))
         order = rng.permutation(self.epoch_size)
         return EpochPlan(
             source=np.concatenate(sources)[order],
             index=np.concatenate(indices)[order],
             label=np.concatenate(labels)[order],
         )
-
-    def _draw_negatives(self, rng: np.random.Generator) -> np.ndarray:
-        """Real healthy samples: a share ``h`` position-matched, bin by bin; the rest uniform."""
-        parts = [_draw(rng, self._neg_by_bin[b], int(c)) for b, c in enumerate(self._matched) if c]
-        parts.append(_draw(rng, self._real[0], self.real_per_class - int(self._matched.sum())))
-        return np.concatenate(parts)

@@ -55,15 +55,19 @@ class ConditionalBatchNorm2d(nn.Module):
         return self.bn(x) * gamma[:, :, None, None] + beta[:, :, None, None]
 
 
+def upsample_conv(in_channels: int, out_channels: int, bias: bool) -> nn.Sequential:
+    """Nearest 2x upsampling then a 3x3 convolution: (n, in, H, W) -> (n, out, 2H, 2W)."""
+    return nn.Sequential(
+        nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=bias)
+    )
+
+
 class UpBlock(nn.Module):
     """Nearest 2x upsampling -> 3x3 conv -> conditional BN -> ReLU."""
 
     def __init__(self, in_channels: int, out_channels: int, n_classes: int) -> None:
         super().__init__()
-        self.conv = nn.Sequential(
-            nn.Upsample(scale_factor=2, mode="nearest"),
-            nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
-        )
+        self.conv = upsample_conv(in_channels, out_channels, bias=False)
         self.norm = ConditionalBatchNorm2d(out_channels, n_classes)
         self.act = nn.ReLU()
 
@@ -91,9 +95,7 @@ class ConditionalGenerator(nn.Module):
             blocks.append(UpBlock(channels, out, n_classes))
             channels = out
         self.blocks = nn.ModuleList(blocks)
-        self.to_image = nn.Sequential(
-            nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(channels, 1, 3, padding=1)
-        )
+        self.to_image = upsample_conv(channels, 1, bias=True)
 
     def forward(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         h = self.fc(torch.cat([z, self.embed(y)], dim=1)).view(-1, self.c0, 4, 4)
