@@ -29,7 +29,7 @@ from eval.runs import load_run
 from toolkit import ORGANS
 from toolkit.config import Config, save_config
 from toolkit.errors import ToolkitError
-from toolkit.sliceset import SliceSet
+from toolkit.sliceset import FIELD_COLUMNS, SliceSet
 from toolkit.transforms import window_hu
 from toolkit.workspace import Workspace
 
@@ -80,11 +80,16 @@ def injury_visible(data_dir: Path, table: pd.DataFrame, organ: str, rows: np.nda
     return out
 
 
-def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
-    """Nearest-neighbour resize of a (H, W) label mask to (size, size), padded square as the store is."""
-    from toolkit.data.dicom import pad_square
+def resize_mask(mask: np.ndarray, size: int, field: tuple[int, int, int] | None = None) -> np.ndarray:
+    """Nearest-neighbour resize of a (H, W) label mask to (size, size), cut as the store cut its slice.
 
-    mask = pad_square(np.asarray(mask), fill=0)
+    ``field`` is the slice's (field_top, field_left, field_side) from the manifest; None: the whole
+    image padded square (stores without the columns).
+    """
+    from toolkit.data.dicom import centred_field, cut_field
+
+    mask = np.asarray(mask)
+    mask = cut_field(mask, field or centred_field(*mask.shape), fill=0)
     h = mask.shape[0]
     idx = np.minimum(((np.arange(size) + 0.5) * h / size).astype(np.int64), h - 1)
     return mask[np.ix_(idx, idx)]
@@ -97,7 +102,8 @@ def load_truth(data_dir: Path, rows: pd.DataFrame, organ: str, size: int) -> lis
     code = ORGAN_CODES[organ]
     cache: dict[int, Any] = {}
     out: list[dict[str, np.ndarray] | None] = []
-    for series_id, instance in zip(rows["series_id"], rows["instance"], strict=True):
+    has_field = all(c in rows.columns for c in FIELD_COLUMNS)
+    for j, (series_id, instance) in enumerate(zip(rows["series_id"], rows["instance"], strict=True)):
         series_id = int(series_id)
         if series_id not in cache:
             path = data_dir / TRUTH_DIR / f"{series_id}.npz"
@@ -111,10 +117,11 @@ def load_truth(data_dir: Path, rows: pd.DataFrame, organ: str, size: int) -> lis
             out.append(None)
             continue
         i = int(hit[0])
+        fld = tuple(int(v) for v in rows.iloc[j][list(FIELD_COLUMNS)]) if has_field else None
         out.append(
             {
-                "organ": resize_mask(truth["organs"][i] == code, size).astype(bool),
-                "injury": resize_mask(truth["injury"][i] == code, size).astype(bool),
+                "organ": resize_mask(truth["organs"][i] == code, size, fld).astype(bool),
+                "injury": resize_mask(truth["injury"][i] == code, size, fld).astype(bool),
             }
         )
     return out

@@ -75,7 +75,7 @@ def _store_meta(ws: Workspace) -> dict[str, Any]:
 
 
 def run_settings(run: Run, store_meta: dict[str, Any] | None = None) -> dict[str, Any]:
-    """How ``run`` saw its slices: store size and slices per series, windows, image size, aggregate rule.
+    """How ``run`` saw its slices: store size, slices per series and body crop, windows, image size, aggregate rule.
 
     The store the run was trained on (same ``split_hash``) is the authority for slice size and
     count: a run's config.yaml records the config of the train command, whose ``data`` section
@@ -87,8 +87,10 @@ def run_settings(run: Run, store_meta: dict[str, Any] | None = None) -> dict[str
     if meta.get("split_hash") is not None and meta.get("split_hash") == run.meta.get("split_hash"):
         size, slices = meta.get("size"), meta.get("slices_per_series")
         size = size[0] if isinstance(size, list) else size
+        crop_body = meta.get("crop_body", False)  # stores written before the crop existed: whole image
     else:
         size, slices = data.get("size"), data.get("slices_per_series")
+        crop_body = data.get("crop_body", False)
     if size is None:
         raise ToolkitError(
             f"cannot tell the slice size run '{run.name}' was trained at: no store with split "
@@ -97,6 +99,7 @@ def run_settings(run: Run, store_meta: dict[str, Any] | None = None) -> dict[str
     return {
         "size": int(size),
         "slices": int(slices or 0),
+        "crop_body": bool(crop_body),
         "windows": run.meta.get("windows") or data.get("windows"),
         "image_size": int(run.meta.get("image_size") or train.get("image_size")),
         "aggregate": train.get("aggregate", "max"),
@@ -141,14 +144,14 @@ def predict_study(
         raise ToolkitError(f"study folder {study} does not exist; give a folder of one series' DICOM files")
     chosen = choose_runs(ws, run)
     store_meta = _store_meta(ws)
-    series_cache: dict[tuple[int, int], tuple[np.ndarray, Any]] = {}
+    series_cache: dict[tuple[int, int, bool], tuple[np.ndarray, Any]] = {}
     organs: dict[str, Any] = {}
     n_slices = 0
     for organ, r in chosen.items():
         s = run_settings(r, store_meta)
-        key = (s["size"], s["slices"])
+        key = (s["size"], s["slices"], s["crop_body"])
         if key not in series_cache:
-            series_cache[key] = read_series(study, size=s["size"], slices=s["slices"])
+            series_cache[key] = read_series(study, size=s["size"], slices=s["slices"], crop_body=s["crop_body"])
         hu, table = series_cache[key]
         n_slices = max(n_slices, len(hu))
         models = load_fold_models(r.path, organ)

@@ -11,7 +11,7 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, RLELossless, generate_uid
 
-from toolkit.data.dicom import read_hu, read_series
+from toolkit.data.dicom import load_series, read_hu, read_series
 from toolkit.errors import ToolkitError
 
 
@@ -225,6 +225,30 @@ def test_series_resampled_square_with_air_padding(tmp_path: Path) -> None:
     assert images.shape == (1, 10, 10)
     assert (images[0, :2] == -1024).all() and (images[0, -2:] == -1024).all()
     assert (images[0, 3:7] == 50).all()
+
+
+def test_body_crop_fills_the_slice_with_the_patient_and_cuts_the_table(tmp_path: Path) -> None:
+    # 64 x 64 scan: an off-centre body (a 20 x 28 px soft-tissue ellipse), a table bar under it.
+    yy, xx = np.mgrid[:64, :64]
+    folder = tmp_path / "s"
+    folder.mkdir()
+    for inst, half_height in [(1, 8), (2, 10)]:  # the body is taller on slice 2
+        hu = np.full((64, 64), -1000.0)
+        hu[((yy - 24) / half_height) ** 2 + ((xx - 20) / 14) ** 2 <= 1] = 40.0
+        hu[44:47, 2:62] = 200.0  # table, separated from the body by air
+        write_ct(folder / f"{inst}.dcm", hu, instance=inst, position=(0.0, 0.0, float(inst)))
+    whole, _ = read_series(folder, size=32)
+    cropped, _ = read_series(folder, size=32, crop_body=True)
+    table = load_series(folder, size=32, crop_body=True).table
+    # Without the crop the table shows and the body covers under half the width.
+    assert (whole[:, 21:24] > 100).any()
+    assert (whole[0, :20] > 0).any(axis=0).sum() < 16
+    # With it: one field for the series, sized to the taller slice, table gone, body spans the width.
+    assert table[["field_top", "field_left", "field_side"]].drop_duplicates().shape[0] == 1
+    top, left, side = table.iloc[0][["field_top", "field_left", "field_side"]]
+    assert 28 <= side <= 32 and left <= 7 and top <= 14
+    assert not (cropped > 100).any()
+    assert (cropped[1] > 0).any(axis=0).sum() >= 26 and (cropped[1] > 0).any(axis=1).sum() >= 18
 
 
 def test_series_evenly_spaced_subset(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ from toolkit.data.labels import TRAIN_COLUMNS
 from toolkit.data.prepare import prepare_store, summarize_store
 from toolkit.data.split import split_hash, split_patients
 from toolkit.errors import ToolkitError
-from toolkit.sliceset import SliceSet, organ_columns
+from toolkit.sliceset import FIELD_COLUMNS, SliceSet, organ_columns
 
 # patient -> {organ: grade}; every organ has injured patients, 105 has both bowel and extravasation.
 GRADES = {
@@ -78,7 +78,15 @@ def make_rsna(root: Path, slices: int = 6, size: int = 16, grades: dict = GRADES
 
 
 def tiny_cfg(**data: object) -> Config:
-    values = {"size": 16, "slices_per_series": 0, "test_fraction": 0.25, "folds": 2, "workers": 1, **data}
+    values = {
+        "size": 16,
+        "slices_per_series": 0,
+        "test_fraction": 0.25,
+        "folds": 2,
+        "workers": 1,
+        "crop_body": False,
+        **data,
+    }
     return dataclasses.replace(Config(), data=dataclasses.replace(DataConfig(), **values))
 
 
@@ -92,7 +100,8 @@ def test_labels_split_and_files(rsna: Path, tmp_path: Path) -> None:
     store = prepare_store(rsna, tmp_path / "store", tiny_cfg())
     t = store.table
     expected = ["patient_id", "series_id", "instance", "z", *organ_columns(), "split", "fold", "source"]
-    assert list(t.columns) == expected + ["aortic_hu", "incomplete_organ"]
+    assert list(t.columns) == expected + ["aortic_hu", "incomplete_organ", *FIELD_COLUMNS]
+    assert (t["field_side"] == 16).all() and (t["field_top"] == 0).all()
     assert store.images.dtype == np.int16 and store.images.shape == (9 * 6, 16, 16)
     assert (t["source"] == "real").all()
 
@@ -149,6 +158,11 @@ def test_slice_subset_and_resample(rsna: Path, tmp_path: Path) -> None:
     # Evenly spaced over z: positions 0, 2, 5 of 6 slices (z = -15 .. -2.5 in 2.5 mm steps).
     assert sorted(t.loc[t["series_id"] == 1010, "z"]) == [-15.0, -10.0, -2.5]
     assert store.meta["spacing_mm"]["stored_median_row_col"] == [1.6, 1.6]
+    # The body crop spends the 8 px on the 13 px wide body disc, not the 16 px image: finer pixels.
+    cropped = prepare_store(rsna, tmp_path / "cropped", tiny_cfg(size=8, slices_per_series=3, crop_body=True))
+    assert cropped.meta["crop_body"] and not store.meta["crop_body"]
+    assert (cropped.table["field_side"] < 16).all()
+    assert cropped.meta["spacing_mm"]["stored_median_row_col"][0] < 1.6
 
 
 def test_split_is_deterministic_and_patient_level() -> None:

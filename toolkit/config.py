@@ -58,6 +58,9 @@ class DataConfig:
     test_fraction: float = 0.2  # share of patients held out as the test set
     folds: int = 5  # cross-validation folds over the remaining patients
     workers: int = 0  # process pool size for prepare; 0 = number of CPU cores
+    # Store the square around the patient's body (one per series; the table and the air around the
+    # patient are cut away) instead of the whole image: more of the stored pixels show anatomy.
+    crop_body: bool = True
     # (level, width) HU windows applied when slices are loaded; one channel each.
     windows: list[list[float]] = field(default_factory=lambda: [[40.0, 400.0]])
 

@@ -21,6 +21,10 @@ Manifest columns (real store):
     split           "train" or "test"
     fold            int cross-validation fold of a train patient, -1 for test patients
     source          "real" or "synthetic"
+    aortic_hu, incomplete_organ   from train_series_meta.csv when given
+    field_top, field_left, field_side
+                    int, the square of the source image (pixels; may reach outside it, read as
+                    air) resampled into the stored slice: maps masks onto stored slices
 
 Synthetic sets add ``generator_id`` and ``near_copy`` (bool, flagged by the audit).
 """
@@ -43,6 +47,7 @@ MANIFEST_FILE = "manifest.csv"
 META_FILE = "meta.json"
 
 REQUIRED_COLUMNS: tuple[str, ...] = ("patient_id", "series_id", "instance", "z", "source")
+FIELD_COLUMNS: tuple[str, ...] = ("field_top", "field_left", "field_side")
 
 
 @dataclass

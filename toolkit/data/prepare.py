@@ -51,7 +51,7 @@ from toolkit.data.labels import (
 )
 from toolkit.data.split import split_hash, split_patients
 from toolkit.errors import ToolkitError
-from toolkit.sliceset import IMAGES_FILE, MANIFEST_FILE, META_FILE, SliceSet, organ_columns
+from toolkit.sliceset import FIELD_COLUMNS, IMAGES_FILE, MANIFEST_FILE, META_FILE, SliceSet, organ_columns
 
 IMAGES_DIR = "train_images"
 PARTIAL_DIR = ".partial"
@@ -244,6 +244,7 @@ def _ingest_series(task: dict) -> dict:
         slices=task["slices"],
         files=[Path(f) for f in task["files"]],
         label=task["label"],
+        crop_body=task["crop_body"],
     )
     errors = [(p.relative_to(source).as_posix(), why) for p, why in result.errors]
     if not task["files"]:
@@ -259,6 +260,7 @@ def _ingest_series(task: dict) -> dict:
         z=result.table["z"].to_numpy(np.float64),
         spacing=result.table[["spacing_row", "spacing_col"]].to_numpy(np.float64),
         shape=result.table[["rows", "columns"]].to_numpy(np.int64),
+        field=result.table[["field_top", "field_left", "field_side"]].to_numpy(np.int64),
         error_path=np.array([e[0] for e in errors], dtype=str),
         error_reason=np.array([e[1] for e in errors], dtype=str),
         warnings=np.array(result.warnings, dtype=str),
@@ -268,8 +270,8 @@ def _ingest_series(task: dict) -> dict:
     return {"label": task["label"], "n": int(len(result.images))}
 
 
-def _partial_settings(size: int, slices: int, files_digest: str) -> dict:
-    return {"size": int(size), "slices_per_series": int(slices), "files": files_digest}
+def _partial_settings(size: int, slices: int, crop_body: bool, files_digest: str) -> dict:
+    return {"size": int(size), "slices_per_series": int(slices), "crop_body": bool(crop_body), "files": files_digest}
 
 
 def _prepare_partial(partial: Path, settings: dict) -> None:
@@ -365,11 +367,12 @@ def _write_store(out: Path, parts: list[Path], n: int, size: int, table: pd.Data
     (out / (MANIFEST_FILE + ".tmp")).replace(out / MANIFEST_FILE)
 
 
-def _spacing_summary(spacing: np.ndarray, shape: np.ndarray, size: int) -> dict:
+def _spacing_summary(spacing: np.ndarray, field_side: np.ndarray, size: int) -> dict:
+    """Source and stored pixel spacing (mm): a stored pixel spans ``field_side / size`` source pixels."""
     ok = np.isfinite(spacing).all(axis=1)
     if not ok.any():
         return {"source_median_row_col": None, "stored_median_row_col": None}
-    stored = spacing[ok] * (shape[ok].max(axis=1, keepdims=True) / float(size))
+    stored = spacing[ok] * (field_side[ok, None] / float(size))
     return {
         "source_median_row_col": [round(float(v), 4) for v in np.median(spacing[ok], axis=0)],
         "stored_median_row_col": [round(float(v), 4) for v in np.median(stored, axis=0)],
@@ -417,7 +420,9 @@ def prepare_store(source: Path, out: Path, cfg: Config, force: bool = False) -> 
     if force:
         _clear_outputs(out)
     partial = out / PARTIAL_DIR
-    _prepare_partial(partial, _partial_settings(data.size, data.slices_per_series, inputs.files_digest))
+    _prepare_partial(
+        partial, _partial_settings(data.size, data.slices_per_series, data.crop_body, inputs.files_digest)
+    )
 
     tasks = [
         {
@@ -427,6 +432,7 @@ def prepare_store(source: Path, out: Path, cfg: Config, force: bool = False) -> 
             "label": f"{IMAGES_DIR}/{s.patient_id}/{s.series_id}",
             "size": int(data.size),
             "slices": int(data.slices_per_series),
+            "crop_body": bool(data.crop_body),
             "partial": str(partial / f"{s.series_id}.npz"),
         }
         for s in inputs.series
@@ -446,7 +452,7 @@ def prepare_store(source: Path, out: Path, cfg: Config, force: bool = False) -> 
 
 def _assemble(source: Path, out: Path, cfg: Config, inputs: _Inputs, parts: list[Path]) -> SliceSet:
     data = cfg.data
-    tables, errors, notes, spacing, shape, kept_parts = [], [], [], [], [], []
+    tables, errors, notes, spacing, kept_parts = [], [], [], [], []
     for s, path in zip(inputs.series, parts, strict=True):
         p = _load_partial(path)
         errors += list(zip(p["error_path"].tolist(), p["error_reason"].tolist(), strict=True))
@@ -454,13 +460,21 @@ def _assemble(source: Path, out: Path, cfg: Config, inputs: _Inputs, parts: list
         if len(p["instance"]) == 0:
             continue
         kept_parts.append(path)
+        top, left, side = p["field"].T
         tables.append(
             pd.DataFrame(
-                {"patient_id": s.patient_id, "series_id": s.series_id, "instance": p["instance"], "z": p["z"]}
+                {
+                    "patient_id": s.patient_id,
+                    "series_id": s.series_id,
+                    "instance": p["instance"],
+                    "z": p["z"],
+                    "field_top": top,
+                    "field_left": left,
+                    "field_side": side,
+                }
             )
         )
         spacing.append(p["spacing"])
-        shape.append(p["shape"])
     for note in notes[:5]:
         _warn(note)
     if len(notes) > 5:
@@ -493,7 +507,7 @@ def _assemble(source: Path, out: Path, cfg: Config, inputs: _Inputs, parts: list
     table["source"] = "real"
     table = table.merge(inputs.meta, on=["patient_id", "series_id"], how="left")
     columns = ["patient_id", "series_id", "instance", "z", *organ_columns(), "split", "fold", "source"]
-    table = table[columns + ["aortic_hu", "incomplete_organ"]]
+    table = table[columns + ["aortic_hu", "incomplete_organ", *FIELD_COLUMNS]]
     split.to_csv(out / SPLIT_FILE, index=False)
 
     meta = {
@@ -504,7 +518,8 @@ def _assemble(source: Path, out: Path, cfg: Config, inputs: _Inputs, parts: list
         "n_patients": int(split.shape[0]),
         "n_series": len(tables),
         "slices_per_series": int(data.slices_per_series),
-        "spacing_mm": _spacing_summary(np.concatenate(spacing), np.concatenate(shape), int(data.size)),
+        "crop_body": bool(data.crop_body),
+        "spacing_mm": _spacing_summary(np.concatenate(spacing), slices["field_side"].to_numpy(), int(data.size)),
         "split_hash": split_hash(split),
         "seed": int(cfg.seed),
         "test_fraction": float(data.test_fraction),
