@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from conftest import make_toy_slice_set
+from sklearn.metrics import roc_auc_score
 from typer.testing import CliRunner
 
 from toolkit.config import Config, load_config
@@ -112,8 +113,8 @@ def test_run_folder_follows_the_output_contract(ws: Workspace, real_only) -> Non
         assert config["image_size"] == 32 and config["windows"] == [[40, 400]] and len(config["mean"]) == 1
         assert (fold_dir / "model.safetensors").exists()
         metrics = pd.read_csv(fold_dir / "metrics.csv")
-        assert list(metrics.columns) == ["epoch", "train_loss", "val_loss", "val_auc", "lr", "seconds",
-                                         "slices_per_s"]
+        assert list(metrics.columns) == ["epoch", "train_loss", "val_loss", "val_auc", "val_patient_auc", "lr",
+                                         "seconds", "slices_per_s"]
         assert len(metrics) == 2 and not (fold_dir / "last").exists()
     assert (organ_dir / "learning_curve.png").stat().st_size > 0
     columns = {
@@ -130,6 +131,13 @@ def test_run_folder_follows_the_output_contract(ws: Workspace, real_only) -> Non
     folds = frames["test_folds.csv"].groupby(["series_id", "instance"])["prob"].mean()
     slices = frames["test_slices.csv"].set_index(["series_id", "instance"])["prob"]
     assert np.allclose(slices.sort_index(), folds.sort_index(), atol=1e-6)
+    # The logged validation patient AUC of the kept epoch is that of the fold's out-of-fold patients.
+    for k in range(2):
+        best = json.loads((organ_dir / f"fold_{k}" / "summary.json").read_text())["best_epoch"]
+        logged = pd.read_csv(organ_dir / f"fold_{k}" / "metrics.csv").set_index("epoch").loc[best, "val_patient_auc"]
+        oof = frames["oof_patients.csv"].query("fold == @k")
+        expected = roc_auc_score(oof["label"], oof["prob"]) if oof["label"].nunique() == 2 else np.nan
+        assert np.isclose(logged, expected, equal_nan=True)
     patients = frames["test_patients.csv"].set_index("patient_id")
     assert np.allclose(frames["test_slices.csv"].groupby("patient_id")["prob"].max(), patients["prob"])
     store = SliceSet.load(ws.store_dir).table
@@ -223,9 +231,20 @@ def test_existing_run_is_refused_without_force_or_resume(ws: Workspace, real_onl
         train_run(ws, tiny_config(lr=1e-2), organs=[ORGAN], resume=True)
 
 
+def test_select_on_patient_keeps_the_epoch_with_the_best_validation_patient_auc(ws: Workspace) -> None:
+    run_dir = train_run(ws, tiny_config(select_on="patient", epochs=3, patience=5), name="by-patient",
+                        organs=[ORGAN])
+    for k in range(2):
+        metrics = pd.read_csv(run_dir / ORGAN / f"fold_{k}" / "metrics.csv")
+        best = json.loads((run_dir / ORGAN / f"fold_{k}" / "summary.json").read_text())["best_epoch"]
+        assert best == int(metrics.loc[metrics["val_patient_auc"].idxmax(), "epoch"])
+
+
 def test_bad_inputs_are_one_line_errors(ws: Workspace, tmp_path: Path) -> None:
     with pytest.raises(ToolkitError, match=r"train.lr must be a number, got '3e-4' \(YAML needs a dot"):
         train_run(ws, tiny_config(lr="3e-4"), name="x", organs=[ORGAN])
+    with pytest.raises(ToolkitError, match=r"unknown train.select_on 'auc'; choose slice or patient"):
+        train_run(ws, tiny_config(select_on="auc"), name="x", organs=[ORGAN])
     with pytest.raises(ToolkitError, match=r"train.folds=4 but the store has 3 folds"):
         train_run(ws, tiny_config(folds=4), name="x", organs=[ORGAN])
     other = Workspace(tmp_path / "other")

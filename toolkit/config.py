@@ -128,6 +128,7 @@ class TrainConfig:
     # (hard negatives that show the organ); the rest uniform. See train/balancer.py.
     matched_negatives: float = 0.5
     patience: int = 3  # early stopping on validation AUC, epochs
+    select_on: str = "slice"  # validation AUC that early stopping and the best checkpoint watch: slice | patient
     augment: bool = True
     aggregate: str = "max"  # patient score from slice scores: max | topk
     top_k: int = 3

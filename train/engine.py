@@ -48,9 +48,10 @@ from train.data import (
     SliceDataset,
     create_loader,
 )
+from train.inference import aggregate_patient
 from train.model import WEIGHTS_NAME, create_classifier, save_classifier
 
-METRIC_COLUMNS = ["epoch", "train_loss", "val_loss", "val_auc", "lr", "seconds", "slices_per_s"]
+METRIC_COLUMNS = ["epoch", "train_loss", "val_loss", "val_auc", "val_patient_auc", "lr", "seconds", "slices_per_s"]
 STATE_DIR = "last"
 DONE_FILE = "test_predictions.csv"
 
@@ -175,6 +176,16 @@ def evaluate(model: nn.Module, loader: DataLoader, accelerator: Accelerator) -> 
         "index": torch.cat(index).numpy(),
         "source": torch.cat(source).numpy(),
     }
+
+
+def patient_auc(table: pd.DataFrame, result: dict[str, Any], organ: str, how: str, top_k: int) -> float:
+    """Patient-level AUC of scored slices: each patient's slice scores aggregated (``how``, ``top_k``)
+    against the patient's grade in ``table`` (``<organ>_patient`` > 0); NaN with one class."""
+    rows = table.iloc[result["index"]]
+    frame = pd.DataFrame({"patient_id": rows["patient_id"].to_numpy(), "prob": result["prob"]})
+    scores = frame.groupby("patient_id")["prob"].apply(lambda p: aggregate_patient(p.to_numpy(), how, top_k))
+    truth = rows.groupby("patient_id")[f"{organ}_patient"].max() > 0
+    return binary_auc(truth.loc[scores.index].to_numpy(), scores.to_numpy())
 
 
 def _prediction_frame(table: pd.DataFrame, result: dict[str, Any], fold: int) -> pd.DataFrame:
@@ -306,8 +317,10 @@ def train_fold(
         stats = train_one_epoch(model, train_loader, optimizer, scheduler, loss_fn, accelerator, progress, task)
         val = evaluate(model, val_loader, accelerator)
         hooks.on_evaluate(data.organ, data.fold, "val", val["index"], val["source"])
+        val["patient_auc"] = patient_auc(data.table, val, data.organ, tc.aggregate, tc.top_k)
         # Validation AUC steers early stopping; without both classes in the fold, validation loss does.
-        score = val["auc"] if not math.isnan(val["auc"]) else -val["loss"]
+        watched = val["patient_auc"] if tc.select_on == "patient" else val["auc"]
+        score = watched if not math.isnan(watched) else -val["loss"]
         improved = score > trainer["best_score"]
         seconds = time.perf_counter() - start
         samples = stats["samples"] * accelerator.num_processes
@@ -316,6 +329,7 @@ def train_fold(
             "train_loss": stats["loss"],
             "val_loss": val["loss"],
             "val_auc": val["auc"],
+            "val_patient_auc": val["patient_auc"],
             "lr": lr,
             "seconds": seconds,
             "slices_per_s": samples / max(stats["seconds"], 1e-9),

@@ -88,6 +88,8 @@ def check_train_config(cfg: Config) -> None:
         raise ToolkitError("train.epochs and train.batch_size must be >= 1, train.image_size >= 8, train.lr > 0")
     if tc.aggregate not in AGGREGATES:
         raise ToolkitError(f"unknown train.aggregate '{tc.aggregate}'; choose one of {', '.join(AGGREGATES)}")
+    if tc.select_on not in ("slice", "patient"):
+        raise ToolkitError(f"unknown train.select_on '{tc.select_on}'; choose slice or patient")
 
 
 def check_store(store: SliceSet, organs: list[str], path: Path) -> None:
@@ -435,7 +437,7 @@ def write_organ_outputs(
 
 
 def plot_learning_curve(organ_dir: Path, organ: str, n_folds: int) -> Path:
-    """``learning_curve.png``: train/val loss and validation AUC per epoch, one colour per fold."""
+    """``learning_curve.png``: train/val loss and validation slice and patient AUC per epoch, one colour per fold."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -447,9 +449,11 @@ def plot_learning_curve(organ_dir: Path, organ: str, n_folds: int) -> Path:
         color = f"C{k}"
         ax_loss.plot(metrics["epoch"], metrics["train_loss"], "--", color=color, label=f"fold {k} train")
         ax_loss.plot(metrics["epoch"], metrics["val_loss"], "-", color=color, label=f"fold {k} val")
-        ax_auc.plot(metrics["epoch"], metrics["val_auc"], "-o", color=color, label=f"fold {k}")
+        ax_auc.plot(metrics["epoch"], metrics["val_auc"], "-o", color=color, label=f"fold {k} slice")
+        if "val_patient_auc" in metrics:
+            ax_auc.plot(metrics["epoch"], metrics["val_patient_auc"], ":s", color=color, label=f"fold {k} patient")
     ax_loss.set(xlabel="epoch", ylabel="BCE loss", title=f"{organ}: loss")
-    ax_auc.set(xlabel="epoch", ylabel="slice AUC", title=f"{organ}: validation AUC", ylim=(0, 1))
+    ax_auc.set(xlabel="epoch", ylabel="AUC", title=f"{organ}: validation AUC (slice, patient)", ylim=(0, 1))
     ax_loss.legend(fontsize=7)
     ax_auc.legend(fontsize=7)
     fig.tight_layout()
