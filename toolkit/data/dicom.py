@@ -288,8 +288,9 @@ def body_field(slices: Sequence[np.ndarray], margin: float = 0.04) -> Field:
     On each slice the body is the largest connected region above :data:`BODY_HU`, so the
     scanner table, cables and the air around the patient fall outside the field (they are
     separate regions). One field serves the whole series, so the scale stays the same from
-    slice to slice. Cropping to it spends the stored pixels on anatomy: in a typical 512 px
-    scan the body spans about 60% of the width.
+    slice to slice. Cropping to it spends the stored pixels on anatomy; how much that gains
+    depends on the scan's field of view (on the demo phantom the median stored pixel shrinks
+    from 5.69 to 5.16 mm).
 
     Parameters
     ----------
@@ -339,24 +340,18 @@ def cut_field(image: np.ndarray, field_: Field, fill: float = AIR_HU) -> np.ndar
     return image[..., top : top + side, left : left + side]
 
 
-def pad_square(hu: np.ndarray, fill: float = AIR_HU) -> np.ndarray:
-    """Pad (..., H, W) with ``fill`` (air) on both sides of the short axis to a square, centred."""
-    return cut_field(hu, centred_field(*hu.shape[-2:]), fill)
-
-
 def _resample(slices: list[np.ndarray], size: int | None, crop_body: bool) -> tuple[np.ndarray, list[Field]]:
     """Cut each slice's square field, resize and quantise to int16 (n, size, size); also the fields."""
     from toolkit.transforms import resize_slices
 
+    fields = [centred_field(*s.shape[-2:]) for s in slices]
     if crop_body:
         # One field per slice shape (a series normally has one).
-        by_shape_field: dict[tuple[int, ...], Field] = {}
-        for s in slices:
-            if s.shape not in by_shape_field:
-                by_shape_field[s.shape] = body_field([t for t in slices if t.shape == s.shape])
-        fields = [by_shape_field[s.shape] for s in slices]
-    else:
-        fields = [centred_field(*s.shape[-2:]) for s in slices]
+        for shape in {s.shape for s in slices}:
+            same = [i for i, s in enumerate(slices) if s.shape == shape]
+            box = body_field([slices[i] for i in same])
+            for i in same:
+                fields[i] = box
     squares = [cut_field(s, f) for s, f in zip(slices, fields, strict=True)]
     if size is None:
         size = max(s.shape[-1] for s in squares)
