@@ -48,7 +48,7 @@ from train.data import (
     SliceDataset,
     create_loader,
 )
-from train.inference import aggregate_patient
+from train.inference import patient_scores
 from train.model import WEIGHTS_NAME, create_classifier, save_classifier
 
 METRIC_COLUMNS = ["epoch", "train_loss", "val_loss", "val_auc", "val_patient_auc", "lr", "seconds", "slices_per_s"]
@@ -182,8 +182,8 @@ def patient_auc(table: pd.DataFrame, result: dict[str, Any], organ: str, how: st
     """Patient-level AUC of scored slices: each patient's slice scores aggregated (``how``, ``top_k``)
     against the patient's grade in ``table`` (``<organ>_patient`` > 0); NaN with one class."""
     rows = table.iloc[result["index"]]
-    frame = pd.DataFrame({"patient_id": rows["patient_id"].to_numpy(), "prob": result["prob"]})
-    scores = frame.groupby("patient_id")["prob"].apply(lambda p: aggregate_patient(p.to_numpy(), how, top_k))
+    scores = patient_scores(pd.DataFrame({"patient_id": rows["patient_id"].to_numpy(), "prob": result["prob"]}),
+                            how, top_k)
     truth = rows.groupby("patient_id")[f"{organ}_patient"].max() > 0
     return binary_auc(truth.loc[scores.index].to_numpy(), scores.to_numpy())
 

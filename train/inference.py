@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import nn
 
@@ -52,6 +53,28 @@ def aggregate_patient(probs: np.ndarray, how: str = "max", top_k: int = 3) -> fl
             raise ToolkitError(f"train.top_k must be >= 1, got {top_k}")
         return float(np.sort(probs)[-top_k:].mean())
     raise ToolkitError(f"unknown train.aggregate '{how}'; choose one of {', '.join(AGGREGATES)}")
+
+
+def patient_scores(
+    slices: pd.DataFrame, how: str = "max", top_k: int = 3, by: tuple[str, ...] = ("patient_id",)
+) -> pd.Series:
+    """Patient scores from a table of slice scores: ``prob`` aggregated per group of ``by``.
+
+    Parameters
+    ----------
+    slices : DataFrame
+        One row per scored slice, with ``prob`` and the ``by`` columns.
+    how, top_k
+        As :func:`aggregate_patient`.
+    by : tuple of str, default=("patient_id",)
+        Grouping columns, e.g. ``("patient_id", "fold")`` for one score per patient and fold model.
+
+    Returns
+    -------
+    Series
+        Float scores indexed by ``by``, sorted.
+    """
+    return slices.groupby(list(by), sort=True)["prob"].agg(lambda p: aggregate_patient(p.to_numpy(), how, top_k))
 
 
 def load_fold_models(run_dir: Path, organ: str) -> list[nn.Module]:

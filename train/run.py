@@ -52,7 +52,7 @@ from toolkit.workspace import Workspace
 from train.balancer import REAL, Balancer, series_position
 from train.data import BalancedEpochDataset, SliceDataset, resize_hu
 from train.engine import DONE_FILE, FoldData, TrainHooks, binary_auc, train_fold
-from train.inference import AGGREGATES, aggregate_patient
+from train.inference import AGGREGATES, patient_scores
 
 RUN_FILE = "run.json"
 # Settings a resumed run must share with the interrupted one (else its folds would differ).
@@ -415,25 +415,16 @@ def write_organ_outputs(
     )
     ensemble[[*keys, "label", "prob"]].to_csv(organ_dir / "test_slices.csv", index=False)
 
-    patients = []
-    for pid, group in ensemble.groupby("patient_id", sort=True):
-        prob = aggregate_patient(group["prob"], aggregate, top_k)
-        row = {"patient_id": pid, **truth.loc[pid].to_dict(), "prob": prob}
-        per_fold = test[test["patient_id"] == pid]
-        for k in folds:
-            row[f"prob_fold_{k}"] = aggregate_patient(per_fold.loc[per_fold["fold"] == k, "prob"], aggregate, top_k)
-        patients.append(row)
-    pd.DataFrame(patients).to_csv(organ_dir / "test_patients.csv", index=False)
+    prob = patient_scores(ensemble, aggregate, top_k)
+    per_fold = patient_scores(test, aggregate, top_k, by=("patient_id", "fold")).unstack("fold")
+    patients = truth.loc[prob.index].assign(prob=prob)
+    for k in folds:
+        patients[f"prob_fold_{k}"] = per_fold[k]
+    patients.rename_axis("patient_id").reset_index().to_csv(organ_dir / "test_patients.csv", index=False)
 
-    oof_patients = []
-    for (pid, k), group in val.groupby(["patient_id", "fold"], sort=True):
-        oof_patients.append(
-            {"patient_id": pid, "fold": k, **truth.loc[pid].to_dict(),
-             "prob": aggregate_patient(group["prob"], aggregate, top_k)}
-        )
-    pd.DataFrame(oof_patients, columns=["patient_id", "fold", "label", "grade", "prob"]).to_csv(
-        organ_dir / "oof_patients.csv", index=False
-    )
+    oof = patient_scores(val, aggregate, top_k, by=("patient_id", "fold")).rename("prob").reset_index()
+    oof = oof.join(truth, on="patient_id")[["patient_id", "fold", "label", "grade", "prob"]]
+    oof.to_csv(organ_dir / "oof_patients.csv", index=False)
 
 
 def plot_learning_curve(organ_dir: Path, organ: str, n_folds: int) -> Path:
