@@ -401,7 +401,7 @@ def explain_runs(
     has_truth = False
     for run in loaded:
         windows = run.meta.get("windows") or [[40.0, 400.0]]
-        image_size = int(run.meta["image_size"])
+        image_size = run.image_size(organ)
         models = load_fold_models(run.path, organ)
         probs = np.asarray(predict_probs(models, hu, windows, image_size)).mean(axis=0)
         x = windowed_inputs(hu, windows, image_size)

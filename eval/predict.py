@@ -74,8 +74,10 @@ def _store_meta(ws: Workspace) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def run_settings(run: Run, store_meta: dict[str, Any] | None = None) -> dict[str, Any]:
-    """How ``run`` saw its slices: store size, slices per series and body crop, windows, image size, aggregate rule.
+def run_settings(run: Run, store_meta: dict[str, Any] | None = None, organ: str | None = None) -> dict[str, Any]:
+    """How ``run`` saw its slices: store size, slices per series and body crop, windows, aggregate rule.
+
+    With ``organ``, that organ's ``train.organs`` overrides apply (its image size: ``Run.image_size``).
 
     The store the run was trained on (same ``split_hash``) is the authority for slice size and
     count: a run's config.yaml records the config of the train command, whose ``data`` section
@@ -83,6 +85,7 @@ def run_settings(run: Run, store_meta: dict[str, Any] | None = None) -> dict[str
     """
     data = run.config.get("data") or {}
     train = run.config.get("train") or {}
+    train = {**train, **((train.get("organs") or {}).get(organ) or {})}
     meta = store_meta or {}
     if meta.get("split_hash") is not None and meta.get("split_hash") == run.meta.get("split_hash"):
         size, slices = meta.get("size"), meta.get("slices_per_series")
@@ -101,7 +104,6 @@ def run_settings(run: Run, store_meta: dict[str, Any] | None = None) -> dict[str
         "slices": int(slices or 0),
         "crop_body": bool(crop_body),
         "windows": run.meta.get("windows") or data.get("windows"),
-        "image_size": int(run.meta.get("image_size") or train.get("image_size")),
         "aggregate": train.get("aggregate", "max"),
         "top_k": int(train.get("top_k", 3)),
     }
@@ -148,14 +150,14 @@ def predict_study(
     organs: dict[str, Any] = {}
     n_slices = 0
     for organ, r in chosen.items():
-        s = run_settings(r, store_meta)
+        s = run_settings(r, store_meta, organ)
         key = (s["size"], s["slices"], s["crop_body"])
         if key not in series_cache:
             series_cache[key] = read_series(study, size=s["size"], slices=s["slices"], crop_body=s["crop_body"])
         hu, table = series_cache[key]
         n_slices = max(n_slices, len(hu))
         models = load_fold_models(r.path, organ)
-        fold_probs = np.asarray(predict_probs(models, hu, s["windows"], s["image_size"], device=device))
+        fold_probs = np.asarray(predict_probs(models, hu, s["windows"], r.image_size(organ), device=device))
         slice_probs = fold_probs.mean(axis=0)
         top = np.argsort(-slice_probs)[:3]
         organs[organ] = {

@@ -52,6 +52,7 @@ TRAIN_MATCH_KEYS: tuple[str, ...] = (
     "aggregate",
     "top_k",
     "mixed_precision",
+    "organs",
 )
 
 
@@ -94,6 +95,11 @@ class Run:
         if missing:
             raise ToolkitError(f"{path} lacks column(s) {', '.join(missing)}; re-create it with `toolkit train`")
         return df
+
+    def image_size(self, organ: str) -> int:
+        """Pixels per side ``organ``'s fold models take (``train.organs`` may set it per organ)."""
+        sizes = self.meta.get("image_sizes") or {}
+        return int(sizes.get(organ) or self.setting("image_size"))
 
     def setting(self, key: str) -> Any:
         """A setting from run.json, else from the train section of config.yaml."""

@@ -12,6 +12,7 @@ from conftest import make_toy_slice_set
 from sklearn.metrics import roc_auc_score
 from typer.testing import CliRunner
 
+from eval.runs import load_run
 from toolkit.config import Config, load_config
 from toolkit.errors import ToolkitError
 from toolkit.sliceset import SliceSet
@@ -240,11 +241,31 @@ def test_select_on_patient_keeps_the_epoch_with_the_best_validation_patient_auc(
         assert best == int(metrics.loc[metrics["val_patient_auc"].idxmax(), "epoch"])
 
 
+def test_per_organ_settings_change_that_organ_only(ws: Workspace, real_only) -> None:
+    cfg = tiny_config(organs={"spleen": {"image_size": 24, "trainable_blocks": 1}})
+    run_dir = train_run(ws, cfg, name="per-organ", organs=[ORGAN, "spleen"])
+    sizes = {o: json.loads((run_dir / o / "fold_0" / "config.json").read_text())["image_size"]
+             for o in (ORGAN, "spleen")}
+    assert sizes == {ORGAN: 32, "spleen": 24}
+    run = load_run(ws, "per-organ")
+    assert run.image_size("spleen") == 24 and run.image_size(ORGAN) == 32
+    # The override leaves the other organ exactly as a run without it trains it.
+    pd.testing.assert_frame_equal(
+        pd.read_csv(run_dir / ORGAN / "test_slices.csv"), pd.read_csv(real_only[0] / ORGAN / "test_slices.csv")
+    )
+
+
 def test_bad_inputs_are_one_line_errors(ws: Workspace, tmp_path: Path) -> None:
     with pytest.raises(ToolkitError, match=r"train.lr must be a number, got '3e-4' \(YAML needs a dot"):
         train_run(ws, tiny_config(lr="3e-4"), name="x", organs=[ORGAN])
     with pytest.raises(ToolkitError, match=r"unknown train.select_on 'auc'; choose slice or patient"):
         train_run(ws, tiny_config(select_on="auc"), name="x", organs=[ORGAN])
+    with pytest.raises(ToolkitError, match=r"train.organs has unknown organ 'lung'"):
+        train_run(ws, tiny_config(organs={"lung": {"lr": 1.0e-3}}), name="x", organs=[ORGAN])
+    with pytest.raises(ToolkitError, match=r"train.organs.liver cannot set 'synthetic_ratio'"):
+        train_run(ws, tiny_config(organs={"liver": {"synthetic_ratio": 0.5}}), name="x", organs=[ORGAN])
+    with pytest.raises(ToolkitError, match=r"train.image_size >= 8"):
+        train_run(ws, tiny_config(organs={"liver": {"image_size": 4}}), name="x", organs=[ORGAN])
     with pytest.raises(ToolkitError, match=r"train.folds=4 but the store has 3 folds"):
         train_run(ws, tiny_config(folds=4), name="x", organs=[ORGAN])
     other = Workspace(tmp_path / "other")

@@ -134,6 +134,9 @@ class TrainConfig:
     top_k: int = 3
     mixed_precision: str = "no"
     num_workers: int = 0
+    # Per-organ overrides of the keys above, e.g. {kidney: {image_size: 128, trainable_blocks: -1}}:
+    # a small organ's lesion may need more pixels than the others. See train.run.organ_config.
+    organs: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass

@@ -32,6 +32,7 @@ ensemble slice probabilities, ``prob_fold_k`` those of fold ``k`` alone.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import shutil
 from collections.abc import Iterator
@@ -90,6 +91,30 @@ def check_train_config(cfg: Config) -> None:
         raise ToolkitError(f"unknown train.aggregate '{tc.aggregate}'; choose one of {', '.join(AGGREGATES)}")
     if tc.select_on not in ("slice", "patient"):
         raise ToolkitError(f"unknown train.select_on '{tc.select_on}'; choose slice or patient")
+    if not isinstance(tc.organs, dict):
+        raise ToolkitError(f"train.organs must map organ names to settings, got {tc.organs!r}")
+    for organ in tc.organs:
+        if organ not in ORGANS:
+            raise ToolkitError(f"train.organs has unknown organ '{organ}'; choose from {', '.join(ORGANS)}")
+        check_train_config(organ_config(cfg, organ))
+
+
+def organ_config(cfg: Config, organ: str) -> Config:
+    """``cfg`` with ``cfg.train.organs[organ]`` applied to the train section (the settings that organ trains with).
+
+    The split, seed and synthetic ratio stay those of the run; compared runs must share
+    ``train.organs`` as they share every other train setting (``eval.runs.TRAIN_MATCH_KEYS``).
+    """
+    values = (cfg.train.organs or {}).get(organ) or {}
+    if not isinstance(values, dict):
+        raise ToolkitError(f"train.organs.{organ} must be a mapping of train settings, got {values!r}")
+    known = {f.name for f in dataclasses.fields(cfg.train)} - {"organs", "synthetic_ratio", "folds"}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ToolkitError(
+            f"train.organs.{organ} cannot set '{unknown[0]}'; per-organ keys: {', '.join(sorted(known))}"
+        )
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **values, organs={}))
 
 
 def check_store(store: SliceSet, organs: list[str], path: Path) -> None:
@@ -299,9 +324,10 @@ def train_run(
         raise ToolkitError(f"train.mixed_precision: {str(exc).splitlines()[0]}") from None
     main = accelerator.is_main_process
 
+    organ_cfgs = {o: organ_config(cfg, o) for o in organs}
     pools: dict[str, SyntheticPool] = {}
     if tc.synthetic_ratio > 0:
-        pools = {o: load_synthetic_pool(ws, o, split_hash, tc.image_size) for o in organs}
+        pools = {o: load_synthetic_pool(ws, o, split_hash, organ_cfgs[o].train.image_size) for o in organs}
 
     run_dir = ws.run_dir(name)
     previous_organs = _open_run_dir(run_dir, cfg, resume, force, main)
@@ -316,6 +342,7 @@ def train_run(
         "organs": listed,
         "model": tc.model,
         "image_size": tc.image_size,
+        "image_sizes": {o: organ_cfgs[o].train.image_size for o in organs},
         "windows": cfg.data.windows,
         "epoch_size": tc.epoch_size,
         "epochs": tc.epochs,
@@ -325,20 +352,26 @@ def train_run(
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         if (run_dir / RUN_FILE).exists():  # keep generator records of organs trained earlier
-            info["generators"] = {**json.loads((run_dir / RUN_FILE).read_text()).get("generators", {}),
-                                  **info["generators"]}
+            earlier = json.loads((run_dir / RUN_FILE).read_text())
+            info["generators"] = {**earlier.get("generators", {}), **info["generators"]}
+            info["image_sizes"] = {**earlier.get("image_sizes", {}), **info["image_sizes"]}
         save_config(cfg, run_dir / "config.yaml")
         _write_run_json(run_dir, info)
 
     table = store.table
     is_train = table["split"].to_numpy() == "train"
     test_rows = np.flatnonzero(~is_train)
-    # Resize every needed slice once (train + test rows of the memory-mapped store).
-    real = resize_hu(store.images, tc.image_size)
+    # Resize every needed slice once per image size (train + test rows of the memory-mapped store).
+    resized: dict[int, np.ndarray] = {}
     position = series_position(table["series_id"].to_numpy(), table["z"].to_numpy())
 
     with _deterministic(accelerator.device.type == "cpu"), make_progress() as progress:
         for organ in organs:
+            ocfg = organ_cfgs[organ]
+            otc = ocfg.train
+            if otc.image_size not in resized:
+                resized[otc.image_size] = resize_hu(store.images, otc.image_size)
+            real = resized[otc.image_size]
             organ_dir = run_dir / organ
             labels = store.labels(organ, "slice")
             pool = pools.get(organ)
@@ -352,15 +385,15 @@ def train_run(
                     train_rows,
                     labels[train_rows],
                     None if pool is None else pool.labels,
-                    epoch_size=tc.epoch_size,
+                    epoch_size=otc.epoch_size,
                     ratio=tc.synthetic_ratio,
                     seed=cfg.seed,
                     fold=k,
-                    max_repeat=tc.synthetic_max_repeat,
+                    max_repeat=otc.synthetic_max_repeat,
                     organ=organ,
                     near_copy_fraction=0.0 if pool is None else pool.near_copy_fraction,
                     real_position=position[train_rows],
-                    matched_negatives=tc.matched_negatives,
+                    matched_negatives=otc.matched_negatives,
                 )
                 data = FoldData(
                     organ=organ,
@@ -370,9 +403,9 @@ def train_run(
                     test_set=_real_set(real, test_rows, labels),
                     table=table,
                 )
-                train_fold(accelerator, cfg, data, fold_dir, ORGANS.index(organ), progress, hooks)
+                train_fold(accelerator, ocfg, data, fold_dir, ORGANS.index(organ), progress, hooks)
             if main:
-                write_organ_outputs(organ_dir, organ, table, n_folds, tc.aggregate, tc.top_k)
+                write_organ_outputs(organ_dir, organ, table, n_folds, otc.aggregate, otc.top_k)
                 plot_learning_curve(organ_dir, organ, n_folds)
             accelerator.wait_for_everyone()
 
