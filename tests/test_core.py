@@ -21,7 +21,7 @@ def test_config_layers_defaults_file_and_overrides(tmp_path):
     cfg = load_config("demo", parse_overrides(["train.epochs=7", "seed=3", "data.windows=[[40,400],[300,1500]]"]))
     assert cfg.train.epochs == 7 and cfg.seed == 3
     assert parse_overrides(["train.lr=1e-4"]) == {"train": {"lr": 1e-4}}
-    assert cfg.data.size == 64  # from demo.yaml
+    assert cfg.data.size == 128  # from demo.yaml
     assert cfg.train.weight_decay == 1e-4  # dataclass default, absent from the yaml
     assert cfg.data.windows == [[40, 400], [300, 1500]]
     saved = yaml.safe_load(save_config(cfg, tmp_path / "config.yaml").read_text())
@@ -49,7 +49,7 @@ def test_workspace_config_is_remembered(tmp_path):
     setup(tmp_path, "demo", None)
     assert (tmp_path / "config.yaml").exists()
     _, cfg = setup(tmp_path, None, None)
-    assert cfg.data.size == 64  # later commands default to the workspace's config
+    assert cfg.data.size == 128  # later commands default to the workspace's config
 
 
 def test_slice_set_round_trip_memory_maps(tmp_path):
