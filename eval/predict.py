@@ -84,8 +84,6 @@ def run_settings(run: Run, store_meta: dict[str, Any] | None = None, organ: str 
     need not be the one ``prepare`` used. Without that store the run's config is used.
     """
     data = run.config.get("data") or {}
-    train = run.config.get("train") or {}
-    train = {**train, **((train.get("organs") or {}).get(organ) or {})}
     meta = store_meta or {}
     if meta.get("split_hash") is not None and meta.get("split_hash") == run.meta.get("split_hash"):
         size, slices = meta.get("size"), meta.get("slices_per_series")
@@ -104,8 +102,8 @@ def run_settings(run: Run, store_meta: dict[str, Any] | None = None, organ: str 
         "slices": int(slices or 0),
         "crop_body": bool(crop_body),
         "windows": run.meta.get("windows") or data.get("windows"),
-        "aggregate": train.get("aggregate", "max"),
-        "top_k": int(train.get("top_k", 3)),
+        "aggregate": run.organ_setting(organ, "aggregate") or "max",
+        "top_k": int(run.organ_setting(organ, "top_k") or 3),
     }
 
 

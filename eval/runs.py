@@ -96,10 +96,14 @@ class Run:
             raise ToolkitError(f"{path} lacks column(s) {', '.join(missing)}; re-create it with `toolkit train`")
         return df
 
+    def organ_setting(self, organ: str, key: str) -> Any:
+        """A train setting as ``organ`` was trained with it: its ``train.organs`` override, else the run's."""
+        overrides = ((self.config.get("train") or {}).get("organs") or {}).get(organ) or {}
+        return overrides[key] if key in overrides else self.setting(key)
+
     def image_size(self, organ: str) -> int:
-        """Pixels per side ``organ``'s fold models take (``train.organs`` may set it per organ)."""
-        sizes = self.meta.get("image_sizes") or {}
-        return int(sizes.get(organ) or self.setting("image_size"))
+        """Pixels per side ``organ``'s fold models take."""
+        return int(self.organ_setting(organ, "image_size"))
 
     def setting(self, key: str) -> Any:
         """A setting from run.json, else from the train section of config.yaml."""

@@ -342,7 +342,6 @@ def train_run(
         "organs": listed,
         "model": tc.model,
         "image_size": tc.image_size,
-        "image_sizes": {o: organ_cfgs[o].train.image_size for o in organs},
         "windows": cfg.data.windows,
         "epoch_size": tc.epoch_size,
         "epochs": tc.epochs,
@@ -352,9 +351,8 @@ def train_run(
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         if (run_dir / RUN_FILE).exists():  # keep generator records of organs trained earlier
-            earlier = json.loads((run_dir / RUN_FILE).read_text())
-            info["generators"] = {**earlier.get("generators", {}), **info["generators"]}
-            info["image_sizes"] = {**earlier.get("image_sizes", {}), **info["image_sizes"]}
+            info["generators"] = {**json.loads((run_dir / RUN_FILE).read_text()).get("generators", {}),
+                                  **info["generators"]}
         save_config(cfg, run_dir / "config.yaml")
         _write_run_json(run_dir, info)
 
