@@ -323,6 +323,11 @@ def compare_runs(
         res["note"] = (
             f"only {n_pos} injured test patient(s): the comparison has little power" if res["low_power"] else ""
         )
+        # Runs match on these (``organs`` is a match key), so the baseline's stand for all.
+        res["classifier"] = {
+            "image_size": baseline.image_size(organ),
+            "trainable_blocks": baseline.organ_setting(organ, "trainable_blocks"),
+        }
         res["generators"] = {
             r.name: {
                 "generator_id": r.generator_id(organ),

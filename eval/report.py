@@ -161,6 +161,18 @@ CAVEATS = [
 ]
 
 
+def _classifier_text(clf: dict[str, Any] | None) -> str:
+    """How this organ's classifiers saw the slices (``train.organs`` may differ per organ)."""
+    if not clf:
+        return ""
+    text = f"Classifiers: {clf['image_size']} px slices"
+    blocks = clf.get("trainable_blocks")
+    if blocks is not None:
+        text += ", every layer" if int(blocks) < 0 else f", the last {int(blocks)} block(s) and the head"
+        text += " fine-tuned"
+    return text + "."
+
+
 def build_blocks(result: dict[str, Any]) -> list[Block]:
     """The report as an ordered list of blocks (rendered to markdown and HTML)."""
     base = result["baseline"]
@@ -209,7 +221,7 @@ def build_blocks(result: dict[str, Any]) -> list[Block]:
             (
                 "p",
                 f"Test set: {pl['n']} patients ({pl['n_positive']} injured), {sl['n']} slices "
-                f"({sl['n_positive']} injured).",
+                f"({sl['n_positive']} injured). {_classifier_text(res.get('classifier'))}",
             )
         )
         if res["note"]:

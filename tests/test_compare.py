@@ -124,7 +124,17 @@ def write_fake_run(
     }
     (run / "run.json").write_text(json.dumps(meta))
     (run / "config.yaml").write_text(
-        yaml.safe_dump({"seed": seed, "train": {"synthetic_ratio": ratio, "lr": 1e-3}})
+        yaml.safe_dump(
+            {
+                "seed": seed,
+                "train": {
+                    "synthetic_ratio": ratio,
+                    "lr": 1e-3,
+                    "trainable_blocks": 3,
+                    "organs": {"kidney": {"image_size": 128, "trainable_blocks": -1}},
+                },
+            }
+        )
     )
     return run
 
@@ -176,6 +186,10 @@ def test_compare_writes_reports_and_verdicts(tmp_path):
 
     md = (out / "report.md").read_text()
     assert "improved" in md and "Methods" in md
+    # Each organ's section says how its classifiers saw the slices (train.organs overrides kidney).
+    kidney, liver = (md.split(f"## {o}\n")[1].split("## ")[0] for o in ("kidney", "liver"))
+    assert "Classifiers: 128 px slices, every layer fine-tuned." in kidney
+    assert "Classifiers: 64 px slices, the last 3 block(s) and the head fine-tuned." in liver
     audit = md.split("Generator audit")[1].split("## ")[0]
     assert "| figure | same | synthetic-0.5 |" in audit  # one column per synthetic run
     assert "| frechet_distance.synthetic_vs_real | n/a | 12.5 |" in audit
