@@ -168,8 +168,13 @@ def _classifier_text(clf: dict[str, Any] | None) -> str:
     text = f"Classifiers: {clf['image_size']} px slices"
     blocks = clf.get("trainable_blocks")
     if blocks is not None:
-        text += ", every layer" if int(blocks) < 0 else f", the last {int(blocks)} block(s) and the head"
-        text += " fine-tuned"
+        n = int(blocks)
+        if n < 0:
+            text += ", every layer fine-tuned"
+        elif n == 0:
+            text += ", only the head fine-tuned"
+        else:
+            text += f", the last {n} block(s) and the head fine-tuned"
     return text + "."
 
 
@@ -221,7 +226,7 @@ def build_blocks(result: dict[str, Any]) -> list[Block]:
             (
                 "p",
                 f"Test set: {pl['n']} patients ({pl['n_positive']} injured), {sl['n']} slices "
-                f"({sl['n_positive']} injured). {_classifier_text(res.get('classifier'))}",
+                f"({sl['n_positive']} injured). {_classifier_text(res.get('classifier'))}".rstrip(),
             )
         )
         if res["note"]:

@@ -261,3 +261,17 @@ def test_compare_refuses_different_test_patients(tmp_path):
     tp.iloc[1:].to_csv(run / "liver" / "test_patients.csv", index=False)
     with pytest.raises(ToolkitError, match="tested on different patients for liver"):
         compare_runs(Workspace(tmp_path), _cfg())
+
+
+@pytest.mark.parametrize(
+    ("blocks", "text"),
+    [
+        (-1, "Classifiers: 96 px slices, every layer fine-tuned."),
+        (0, "Classifiers: 96 px slices, only the head fine-tuned."),
+        (2, "Classifiers: 96 px slices, the last 2 block(s) and the head fine-tuned."),
+    ],
+)
+def test_report_says_which_layers_were_fine_tuned(blocks: int, text: str) -> None:
+    from eval.report import _classifier_text
+
+    assert _classifier_text({"image_size": 96, "trainable_blocks": blocks}) == text
