@@ -96,8 +96,11 @@ class Run:
             raise ToolkitError(f"{path} lacks column(s) {', '.join(missing)}; re-create it with `toolkit train`")
         return df
 
-    def organ_setting(self, organ: str, key: str) -> Any:
-        """A train setting as ``organ`` was trained with it: its ``train.organs`` override, else the run's."""
+    def organ_setting(self, organ: str | None, key: str) -> Any:
+        """A train setting as ``organ`` was trained with it: its ``train.organs`` override, else the run's.
+
+        The same rule as ``train.run.organ_config``, read from the saved config; ``organ=None`` gives the run's.
+        """
         overrides = ((self.config.get("train") or {}).get("organs") or {}).get(organ) or {}
         return overrides[key] if key in overrides else self.setting(key)
 
