@@ -25,6 +25,7 @@ from rich.text import Text
 
 from toolkit.config import Config, load_config, parse_overrides, resolve_config_path
 from toolkit.errors import ToolkitError
+from toolkit.reporting import Reporter
 from toolkit.workspace import Workspace
 
 console = Console(stderr=True)
@@ -120,3 +121,16 @@ class _InfoColumn(ProgressColumn):
 
     def render(self, task: Task) -> Text:
         return Text(str(task.fields.get("info", "")))
+
+
+class ConsoleReporter(Reporter):
+    """The CLI's :class:`~toolkit.reporting.Reporter`: stderr, yellow warnings, rich progress bars."""
+
+    def info(self, message: str) -> None:
+        console.print(message, highlight=False, soft_wrap=True)
+
+    def warn(self, message: str) -> None:
+        console.print(f"[yellow]warning: {message}", highlight=False, soft_wrap=True)
+
+    def progress(self, transient: bool = False) -> Progress:
+        return make_progress(transient=transient)
