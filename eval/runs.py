@@ -23,6 +23,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
+from toolkit.config import organ_train_settings
 from toolkit.errors import ToolkitError
 from toolkit.workspace import Workspace
 
@@ -99,10 +100,13 @@ class Run:
     def organ_setting(self, organ: str | None, key: str) -> Any:
         """A train setting as ``organ`` was trained with it: its ``train.organs`` override, else the run's.
 
-        The same rule as ``train.run.organ_config``, read from the saved config; ``organ=None`` gives the run's.
+        :func:`toolkit.config.organ_train_settings` (the rule training used) on the saved config, with
+        run.json's record of run-level values; ``organ=None`` gives the run's.
         """
-        overrides = ((self.config.get("train") or {}).get("organs") or {}).get(organ) or {}
-        return overrides[key] if key in overrides else self.setting(key)
+        train = dict(self.config.get("train") or {})
+        if key in self.meta:
+            train[key] = self.meta[key]
+        return organ_train_settings(train, organ).get(key)
 
     def image_size(self, organ: str) -> int:
         """Pixels per side ``organ``'s fold models take."""

@@ -19,7 +19,7 @@ from gen.models.gan_nets import ConditionalGenerator, ProjectionDiscriminator
 from gen.registry import create_generator, list_generators, load_generator
 from gen.run import generate, generate_all
 from toolkit.cli import app
-from toolkit.config import load_config
+from toolkit.config import CONFIG_DIR, load_config
 from toolkit.errors import ToolkitError
 from toolkit.sliceset import SliceSet
 from toolkit.transforms import resize_slices, window_hu
@@ -245,7 +245,7 @@ def test_generate_all_reports_an_organ_without_positives_and_continues(tmp_path,
 # ------------------------------------------------------------------ CLI
 @pytest.fixture
 def tiny_yaml(tmp_path) -> Path:
-    cfg = yaml.safe_load(Path("configs/demo.yaml").read_text())
+    cfg = yaml.safe_load((CONFIG_DIR / "demo.yaml").read_text())
     cfg["gen"].update(TINY)
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(cfg))

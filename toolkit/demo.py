@@ -112,7 +112,7 @@ def demo(
 ) -> None:
     """Run the whole study on the built-in CT phantom: data, store, generators, two runs, report.
 
-    Uses configs/demo.yaml unless --config is given (sized for a 2-core CPU: about 45 minutes).
+    Uses the demo config unless --config is given (sized for a 2-core CPU: about 45 minutes).
     Re-running continues an interrupted demo; finished stages are kept.
     """
     ws, cfg = setup(workdir, config or "demo", sets, seed=seed)

@@ -32,7 +32,6 @@ ensemble slice probabilities, ``prob_fold_k`` those of fold ``k`` alone.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import shutil
 from collections.abc import Iterator
@@ -46,14 +45,14 @@ import torch
 import yaml
 
 from toolkit import ORGANS
-from toolkit.config import Config, save_config
+from toolkit.config import Config, organ_config, save_config, validate
 from toolkit.errors import ToolkitError
 from toolkit.sliceset import MANIFEST_FILE, SliceSet
 from toolkit.workspace import Workspace
 from train.balancer import REAL, Balancer, series_position
 from train.data import BalancedEpochDataset, SliceDataset, resize_hu
 from train.engine import DONE_FILE, FoldData, TrainHooks, binary_auc, train_fold
-from train.inference import AGGREGATES, patient_scores
+from train.inference import patient_scores
 
 RUN_FILE = "run.json"
 # Settings a resumed run must share with the interrupted one (else its folds would differ).
@@ -66,57 +65,6 @@ def default_run_name(ratio: float) -> str:
 
 
 # ------------------------------------------------------------------ checks
-_NUMBERS = {
-    "lr": float, "weight_decay": float, "synthetic_ratio": float, "image_size": int, "epochs": int,
-    "epoch_size": int, "batch_size": int, "trainable_blocks": int, "synthetic_max_repeat": int,
-    "matched_negatives": float, "patience": int, "top_k": int, "num_workers": int,
-}
-
-
-def check_train_config(cfg: Config) -> None:
-    """Types and ranges of ``cfg.train`` (YAML reads ``3e-4`` as a string: it must be ``3.0e-4``)."""
-    tc = cfg.train
-    for key, kind in _NUMBERS.items():
-        value = getattr(tc, key)
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if not ok or (kind is int and float(value) != int(value)):
-            hint = " (YAML needs a dot: write 3.0e-4, or 0.0003)" if isinstance(value, str) else ""
-            raise ToolkitError(f"train.{key} must be {'an integer' if kind is int else 'a number'}, "
-                               f"got {value!r}{hint}")
-    if tc.folds is not None and (isinstance(tc.folds, bool) or not isinstance(tc.folds, int)):
-        raise ToolkitError(f"train.folds must be an integer or null, got {tc.folds!r}")
-    if tc.epochs < 1 or tc.batch_size < 1 or tc.image_size < 8 or tc.lr <= 0:
-        raise ToolkitError("train.epochs and train.batch_size must be >= 1, train.image_size >= 8, train.lr > 0")
-    if tc.aggregate not in AGGREGATES:
-        raise ToolkitError(f"unknown train.aggregate '{tc.aggregate}'; choose one of {', '.join(AGGREGATES)}")
-    if tc.select_on not in ("slice", "patient"):
-        raise ToolkitError(f"unknown train.select_on '{tc.select_on}'; choose slice or patient")
-    if not isinstance(tc.organs, dict):
-        raise ToolkitError(f"train.organs must map organ names to settings, got {tc.organs!r}")
-    for organ in tc.organs:
-        if organ not in ORGANS:
-            raise ToolkitError(f"train.organs has unknown organ '{organ}'; choose from {', '.join(ORGANS)}")
-        check_train_config(organ_config(cfg, organ))
-
-
-def organ_config(cfg: Config, organ: str) -> Config:
-    """``cfg`` with ``cfg.train.organs[organ]`` applied to the train section (the settings that organ trains with).
-
-    The split, seed and synthetic ratio stay those of the run; compared runs must share
-    ``train.organs`` as they share every other train setting (``eval.runs.TRAIN_MATCH_KEYS``).
-    """
-    values = (cfg.train.organs or {}).get(organ) or {}
-    if not isinstance(values, dict):
-        raise ToolkitError(f"train.organs.{organ} must be a mapping of train settings, got {values!r}")
-    known = {f.name for f in dataclasses.fields(cfg.train)} - {"organs", "synthetic_ratio", "folds"}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ToolkitError(
-            f"train.organs.{organ} cannot set '{unknown[0]}'; per-organ keys: {', '.join(sorted(known))}"
-        )
-    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **values, organs={}))
-
-
 def check_store(store: SliceSet, organs: list[str], path: Path) -> None:
     """Columns present and no patient in two folds or in both a fold and the test set."""
     table = store.table
@@ -304,12 +252,12 @@ def train_run(
 
     from toolkit.cli_common import make_progress
 
+    cfg = validate(cfg)  # the checks load_config ran, for a Config built in code
     tc = cfg.train
     organs = list(organs or ORGANS)
     unknown = [o for o in organs if o not in ORGANS]
     if unknown:
         raise ToolkitError(f"unknown organ '{unknown[0]}'; choose from {', '.join(ORGANS)}")
-    check_train_config(cfg)
     name = name or default_run_name(tc.synthetic_ratio)
     if not (ws.store_dir / MANIFEST_FILE).exists():
         raise ToolkitError(f"no slice store in {ws.store_dir}: run `toolkit prepare` first")

@@ -39,7 +39,7 @@ from pydicom.encaps import encapsulate
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, RLELossless
 
 from toolkit import GRADED_ORGANS, ORGANS
-from toolkit.config import PhantomConfig
+from toolkit.config import PhantomConfig, check_section
 from toolkit.data.phantom_anatomy import (
     ORGAN_CODES,
     PHASES,
@@ -49,7 +49,7 @@ from toolkit.data.phantom_anatomy import (
     finish,
 )
 from toolkit.data.phantom_rle import encode_rle_frames
-from toolkit.errors import ToolkitError
+from toolkit.errors import ConfigError, ToolkitError
 
 __all__ = [
     "IDENTIFYING_TAGS",
@@ -139,32 +139,6 @@ def _exact_subset(rng: np.random.Generator, n: int, share: float) -> np.ndarray:
     """``round(share * n)`` distinct indices out of ``n``, in random order."""
     k = min(n, int(round(share * n)))
     return rng.permutation(n)[:k]
-
-
-def _check_config(cfg: PhantomConfig, seed: int) -> None:
-    if seed < 0:
-        raise ToolkitError(f"seed must be >= 0, got {seed}")
-    if not 1 <= cfg.patients <= 50000:
-        raise ToolkitError(f"phantom.patients must be in 1..50000, got {cfg.patients}")
-    if cfg.slices < 2:
-        raise ToolkitError(f"phantom.slices must be >= 2, got {cfg.slices}")
-    if not 32 <= cfg.size <= 1024:
-        raise ToolkitError(f"phantom.size must be in 32..1024 pixels, got {cfg.size}")
-    for name in ("second_series_fraction", "image_level_fraction", "incomplete_organ_fraction"):
-        value = getattr(cfg, name)
-        if not 0.0 <= value <= 1.0:
-            raise ToolkitError(f"phantom.{name} must be in [0, 1], got {value}")
-    unknown = sorted(set(cfg.image_level_organs) - set(ORGANS))
-    if unknown:
-        raise ToolkitError(f"phantom.image_level_organs has unknown organ(s) {unknown}; valid: {', '.join(ORGANS)}")
-    for name, organs in (("prevalence", ORGANS), ("high_grade_fraction", GRADED_ORGANS)):
-        values = getattr(cfg, name)
-        unknown = sorted(set(values) - set(organs))
-        if unknown:
-            raise ToolkitError(f"phantom.{name} has unknown organ(s) {unknown}; valid: {', '.join(organs)}")
-        for organ, value in values.items():
-            if not 0.0 <= float(value) <= 1.0:
-                raise ToolkitError(f"phantom.{name}.{organ} must be in [0, 1], got {value}")
 
 
 def _plan_cohort(cfg: PhantomConfig, seed: int) -> list[_PatientPlan]:
@@ -507,7 +481,9 @@ def write_phantom(out_dir: Path, cfg: PhantomConfig, seed: int = 0, force: bool 
     """
     start = time.perf_counter()
     out_dir = Path(out_dir)
-    _check_config(cfg, seed)
+    if seed < 0:
+        raise ConfigError(f"seed must be >= 0, got {seed}")
+    cfg = check_section(cfg, "phantom")  # load_config's rules, for a PhantomConfig built in code
     _prepare_out_dir(out_dir, force)
     plans = _plan_cohort(cfg, seed)
 

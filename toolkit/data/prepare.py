@@ -31,14 +31,14 @@ import os
 import shutil
 from collections.abc import Iterable
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from toolkit import ORGANS, __version__
-from toolkit.config import Config, save_config
+from toolkit.config import Config, check_section, save_config
 from toolkit.data.dicom import load_series, series_files
 from toolkit.data.labels import (
     IMAGE_LABELS_CSV,
@@ -406,15 +406,10 @@ def prepare_store(source: Path, out: Path, cfg: Config, force: bool = False) -> 
         or too few patients for the folds.
     """
     source, out = Path(source), Path(out)
+    cfg = replace(cfg, data=check_section(cfg.data, "data"))  # load_config's rules, for a Config built in code
     data = cfg.data
     if (out / MANIFEST_FILE).exists() and not force:
         raise ToolkitError(f"{out} already holds a slice store; pass --force to rebuild it")
-    if int(data.size) < 8:
-        raise ToolkitError(f"data.size must be at least 8 pixels, got {data.size}")
-    if int(data.slices_per_series) < 0:
-        raise ToolkitError(
-            f"data.slices_per_series must be 0 (all) or positive, got {data.slices_per_series}"
-        )
     inputs = _read_inputs(source)
     if force:
         _clear_outputs(out)
