@@ -234,10 +234,10 @@ def test_refuses_to_overwrite_without_force(phantom, tmp_path):
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"prevalence": {"lung": 0.1}}, "unknown organ"),
+        ({"prevalence": {"lung": 0.1}}, "phantom.prevalence has unknown key 'lung'"),
         ({"slices": 1}, "phantom.slices"),
         ({"image_level_fraction": 1.5}, "image_level_fraction"),
-        ({"image_level_organs": ["lung"]}, "image_level_organs has unknown organ"),
+        ({"image_level_organs": ["lung"]}, "image_level_organs lists unknown 'lung'"),
     ],
 )
 def test_bad_config_is_a_one_line_error(tmp_path, change, message):

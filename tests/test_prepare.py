@@ -327,6 +327,7 @@ def test_cli_missing_column_is_one_line_error(tmp_path: Path) -> None:
 def test_cli_prepare_prints_summary_and_refuses_rerun(rsna: Path, tmp_path: Path) -> None:
     args = ["prepare", "--workdir", str(tmp_path), "--source", str(rsna), "--size", "16", "--folds", "2"]
     args += ["--slices-per-series", "0", "--workers", "1", "--test-fraction", "0.25"]
+    args += ["--set", "train.image_size=16", "--set", "gen.image_size=16"]  # no larger than the 16 px store
     result = _invoke(*args)
     assert result.exit_code == 0, result.output
     assert "slice store: 54 slices of 16x16" in result.output
