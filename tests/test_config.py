@@ -185,6 +185,18 @@ def test_one_organ_rule_for_configs_and_saved_config_dicts():
     assert TrainConfig().for_organ(None) == TrainConfig()
 
 
+def test_choices_match_the_registries_they_name():
+    from gen.registry import list_generators
+    from gen.sampling import SAMPLERS
+    from train.inference import AGGREGATES
+
+    rules = {f.name: f.metadata for f in dataclasses.fields(Config().gen)}
+    assert set(rules["model"]["choices"]) == set(list_generators())
+    assert set(rules["sampler"]["choices"]) == set(SAMPLERS)
+    train_rules = {f.name: f.metadata for f in dataclasses.fields(TrainConfig)}
+    assert set(train_rules["aggregate"]["choices"]) == set(AGGREGATES)
+
+
 # ------------------------------------------------------------------ shipped configs
 def _leaves(tree: dict, prefix: str = "") -> dict[str, object]:
     out: dict[str, object] = {}

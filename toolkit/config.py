@@ -125,6 +125,8 @@ class DataConfig:
 class GenConfig:
     """``toolkit gen``: per-organ class-conditional generators."""
 
+    # Choices here mirror the registries (gen.registry, gen.sampling, train.inference; a test keeps them
+    # equal) so that a typo stops every command at load time without importing torch.
     model: str = setting("diffusion", choices=("diffusion", "gan"))
     image_size: int = setting(128, ge=8)
     # binary (healthy/injured) | grade (healthy/low/high where defined)
