@@ -47,6 +47,8 @@ class PhantomConfig:
     image_level_organs: list[str] = field(default_factory=lambda: ["bowel", "extravasation"])
     image_level_fraction: float = 0.5  # injured series (in those organs) that get image-level labels
     incomplete_organ_fraction: float = 0.07
+    # Share of series with an RSNA-like segmentations/<series_id>.nii[.gz] organ mask (RSNA 2023: about 4%).
+    segmentation_fraction: float = 0.04
 
 
 @dataclass
