@@ -192,7 +192,7 @@ def _save(img: nib.Nifti1Image, path: Path) -> None:
 def test_bad_masks_warn_by_file_and_prepare_finishes(phantom: Path, tmp_path: Path) -> None:
     data = copy_data(phantom, tmp_path)
     segs = sorted((data / "segmentations").iterdir())
-    off, odd, broken = segs[0], segs[1], segs[2]
+    off, odd, broken, truncated = segs[0], segs[1], segs[2], segs[4]
     # 1. A mask 600 mm above its series: its volume overlaps none of the series' slices.
     img = nib.load(off)
     affine = img.affine.copy()
@@ -205,8 +205,9 @@ def test_bad_masks_warn_by_file_and_prepare_finishes(phantom: Path, tmp_path: Pa
     arr.ravel()[background[:40]] = 9
     arr.ravel()[background[40:50]] = 12
     _save(nib.Nifti1Image(arr, img.affine), odd)
-    # 3. Not a NIfTI file at all; 4. a mask named after no series.
+    # 3. Not a NIfTI file at all; 4. a file cut short; 5. a mask named after no series.
     broken.write_bytes(b"not a nifti file")
+    truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])
     shutil.copy(segs[3], data / "segmentations" / "99999.nii.gz")
 
     reporter = Collect()
@@ -219,23 +220,24 @@ def test_bad_masks_warn_by_file_and_prepare_finishes(phantom: Path, tmp_path: Pa
         assert len(hits) == 1, (words, messages)
         return hits[0]
 
-    sid = {p: int(p.name.split(".")[0]) for p in (off, odd, broken)}
+    sid = {p: int(p.name.split(".")[0]) for p in (off, odd, broken, truncated)}
     one(f"segmentations/{off.name}", "does not overlap", "kept without a mask")
     one(f"segmentations/{odd.name}", "unknown label value(s) 9, 12", "known labels are kept")
     one(f"segmentations/{broken.name}", "cannot be read as NIfTI", "kept without a mask")
+    one(f"segmentations/{truncated.name}", "cannot be read as NIfTI", "kept without a mask")
     one("segmentations/99999.nii.gz", "name no series")
-    assert len(messages) == 4
+    assert len(messages) == 5
 
     t = store.table
     masks = load_masks(tmp_path / "store")
     by_series = t.groupby("series_id")["mask_source"].first().fillna("")
-    assert by_series[sid[off]] == "" and by_series[sid[broken]] == "" and by_series[sid[odd]] == "rsna"
-    for s in (sid[off], sid[broken]):
+    assert (by_series[[sid[off], sid[broken], sid[truncated]]] == "").all() and by_series[sid[odd]] == "rsna"
+    for s in (sid[off], sid[broken], sid[truncated]):
         assert not masks[(t["series_id"] == s).to_numpy()].any()
     # The series stay in the store, and the odd file's known labels land where the truth is.
     assert t["series_id"].nunique() == 6
     assert assert_masks_match_truth(data, tmp_path / "store", {sid[odd]}) == 6
-    assert store.meta["masks"]["series"]["rsna"] == 4 and len(store.meta["masks"]["warnings"]) == 3
+    assert store.meta["masks"]["series"]["rsna"] == 3 and len(store.meta["masks"]["warnings"]) == 4
 
 
 # ------------------------------------------------------------------ TotalSegmentator output

@@ -196,11 +196,14 @@ def read_label_volume(path: str | Path) -> tuple[np.ndarray, dict]:
     path = Path(path)
     try:
         img = nib.load(str(path))
-    except Exception as exc:  # noqa: BLE001 - nibabel raises several kinds for a bad file
-        raise DataError(f"{path} cannot be read as NIfTI ({type(exc).__name__}: {exc})") from exc
-    if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
-        raise DataError(f"{path} is a {type(img).__name__}, expected a NIfTI label volume")
-    data = np.asanyarray(img.dataobj)
+        if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
+            raise DataError(f"{path} is a {type(img).__name__}, expected a NIfTI label volume")
+        data = np.asanyarray(img.dataobj)  # reads (and decompresses) here: a truncated file fails here
+    except DataError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - nibabel, gzip and numpy raise several kinds for a bad file
+        reason = " ".join(str(exc).replace(str(path), path.name).split())[:200]
+        raise DataError(f"{path} cannot be read as NIfTI ({type(exc).__name__}: {reason})") from exc
     while data.ndim > 3 and data.shape[-1] == 1:
         data = data[..., 0]
     if data.ndim != 3:
