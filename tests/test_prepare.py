@@ -100,7 +100,7 @@ def test_labels_split_and_files(rsna: Path, tmp_path: Path) -> None:
     store = prepare_store(rsna, tmp_path / "store", tiny_cfg())
     t = store.table
     expected = ["patient_id", "series_id", "instance", "z", *organ_columns(), "split", "fold", "source"]
-    assert list(t.columns) == expected + ["aortic_hu", "incomplete_organ", *FIELD_COLUMNS]
+    assert list(t.columns) == expected + ["aortic_hu", "incomplete_organ", *FIELD_COLUMNS, "mask_source"]
     assert (t["field_side"] == 16).all() and (t["field_top"] == 0).all()
     assert store.images.dtype == np.int16 and store.images.shape == (9 * 6, 16, 16)
     assert (t["source"] == "real").all()

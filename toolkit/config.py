@@ -103,6 +103,8 @@ class PhantomConfig:
     # injured series (in those organs) that get image-level labels
     image_level_fraction: float = setting(0.5, ge=0.0, le=1.0)
     incomplete_organ_fraction: float = setting(0.07, ge=0.0, le=1.0)
+    # Share of series with an RSNA-like segmentations/<series_id>.nii[.gz] organ mask (RSNA 2023: about 4%).
+    segmentation_fraction: float = setting(0.04, ge=0.0, le=1.0)
 
 
 @dataclass

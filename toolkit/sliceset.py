@@ -9,6 +9,9 @@ On disk a slice set is a folder::
     images.npy     int16 HU, shape (n_slices, H, W), memory-mappable (np.load(mmap_mode="r"))
     manifest.csv   one row per slice (columns below)
     meta.json      size, spacing, provenance, toolkit version
+    masks.npy      real store only: uint8 organ masks, shape (n_slices, H, W), row i on images[i];
+                   codes 1 liver, 2 spleen, 3 left kidney, 4 right kidney, 5 bowel (RSNA's), 0 elsewhere
+                   and on every slice of a series without a mask; read with toolkit.data.masks.load_masks
 
 Manifest columns (real store):
 
@@ -25,6 +28,8 @@ Manifest columns (real store):
     field_top, field_left, field_side
                     int, the square of the source image (pixels; may reach outside it, read as
                     air) resampled into the stored slice: maps masks onto stored slices
+    mask_source     "rsna" or "totalsegmentator": where the series' masks.npy masks came from;
+                    empty (NaN when read back from CSV) for a series without one
 
 Synthetic sets add ``generator_id`` and ``near_copy`` (bool, flagged by the audit).
 """

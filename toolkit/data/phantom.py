@@ -8,6 +8,7 @@ competition ships, so ``toolkit prepare`` reads the phantom and the real data th
       train_series_meta.csv     patient_id, series_id, aortic_hu, incomplete_organ
       image_level_labels.csv    patient_id, series_id, instance_number, injury_name
       train_images/<patient_id>/<series_id>/<instance_number>.dcm
+      segmentations/<series_id>.nii[.gz]  organ masks like RSNA's, for phantom.segmentation_fraction of the series
       phantom_truth/<series_id>.npz    organ and injury masks (evaluation only; not in RSNA)
 
 The DICOM files are real CT images written with pydicom. Like real data they differ between
@@ -327,7 +328,13 @@ def _ds(value: float) -> str:
 
 
 def _write_series(
-    out_dir: Path, plan: _PatientPlan, s: dict, identity: dict[str, str], seed: int, number: int
+    out_dir: Path,
+    plan: _PatientPlan,
+    s: dict,
+    identity: dict[str, str],
+    seed: int,
+    number: int,
+    segmentation: int | None = None,
 ) -> _SeriesResult:
     sp: _SeriesPlan = s["plan"]
     pixels: np.ndarray = s["pixels"]  # int16 HU, head to feet
@@ -412,6 +419,8 @@ def _write_series(
         organs=canvas.organs[order],
         injury=canvas.injury[order],
     )
+    if segmentation is not None:
+        _write_segmentation(out_dir, sp.series_id, s, segmentation)
     injured = {}
     min_px = _MIN_LABEL_PX_64 * (canvas.injury.shape[-1] / 64.0) ** 2
     for organ in IMAGE_LEVEL_NAMES:
@@ -420,16 +429,96 @@ def _write_series(
     return _SeriesResult(sp.series_id, round(s["hu"]["aorta"], 1), sp.incomplete, n, injured)
 
 
-def _make_patient(plan: _PatientPlan, cfg: PhantomConfig, seed: int, out_dir: Path) -> list[_SeriesResult]:
+def _make_patient(
+    plan: _PatientPlan, cfg: PhantomConfig, seed: int, out_dir: Path, segmentations: dict[int, int]
+) -> list[_SeriesResult]:
     series = _render_patient(plan, cfg, seed)
     identity = _fake_identity(seed, plan)
     numbers = np.random.default_rng([seed, 4, plan.index]).choice(
         np.arange(2, 10), len(series), replace=False
     )
     return [
-        _write_series(out_dir, plan, s, identity, seed, int(num))
+        _write_series(out_dir, plan, s, identity, seed, int(num), segmentations.get(s["plan"].series_id))
         for s, num in zip(series, numbers, strict=True)
     ]
+
+
+# --------------------------------------------------------------------------- RSNA-like segmentations
+
+# Voxel orders of the written segmentations, cycled over the series that get one: real files come in
+# many (RSNA's are not in the DICOM's order), and prepare must place every one through the affine.
+SEGMENTATION_ORDERS: tuple[str, ...] = ("dicom", "z_reversed", "rows_cols_swapped", "flipped", "all")
+
+
+def _rsna_codes(canvas: Canvas) -> np.ndarray:
+    """Truth organs (n, H, W) in RSNA's segmentation codes (toolkit.data.masks.STORE_LABELS)."""
+    from toolkit.data.masks import STORE_LABELS
+
+    organs = canvas.organs
+    out = np.zeros(organs.shape, dtype=np.uint8)
+    out[organs == ORGAN_CODES["liver"]] = STORE_LABELS["liver"]
+    out[organs == ORGAN_CODES["spleen"]] = STORE_LABELS["spleen"]
+    out[organs == ORGAN_CODES["bowel"]] = STORE_LABELS["bowel"]
+    # One truth code for both kidneys; body x grows towards the patient's left (as DICOM's x does,
+    # so the left kidney shows on the image's right), with the body midline at x = 0.
+    kidney = organs == ORGAN_CODES["kidney"]
+    left = (canvas.xs > 0)[None, None, :]
+    out[kidney & left] = STORE_LABELS["kidney_left"]
+    out[kidney & ~left] = STORE_LABELS["kidney_right"]
+    return out
+
+
+def _reorder(data: np.ndarray, affine: np.ndarray, order: str) -> tuple[np.ndarray, np.ndarray]:
+    """The same volume in another voxel order, with the affine that keeps every voxel in place."""
+
+    def flip(d: np.ndarray, a: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+        f = np.eye(4)
+        f[axis, axis], f[axis, 3] = -1.0, d.shape[axis] - 1  # old index = n - 1 - new index
+        return np.flip(d, axis), a @ f
+
+    def swap(d: np.ndarray, a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return d.transpose(1, 0, 2), a @ np.eye(4)[[1, 0, 2, 3]]  # old (i, j) = new (j, i)
+
+    if order in ("z_reversed", "all"):
+        data, affine = flip(data, affine, 2)
+    if order in ("rows_cols_swapped", "all"):
+        data, affine = swap(data, affine)
+    if order in ("flipped", "all"):
+        data, affine = flip(data, affine, 0)
+        data, affine = flip(data, affine, 1)
+    return data, affine
+
+
+def _write_segmentation(out_dir: Path, series_id: int, s: dict, k: int) -> Path:
+    """Write ``segmentations/<series_id>.nii`` (k even) or ``.nii.gz`` (k odd) in voxel order ``k``.
+
+    The DICOM order is voxel (i, j, k) = (column, row, slice head to feet); its LPS position is
+    ``origin + (i, j) * spacing`` and the slice's z, and NIfTI's RAS affine negates x and y.
+    """
+    import nibabel as nib
+
+    labels = _rsna_codes(s["canvas"])  # (slice, row, column), head to feet like s["z"]
+    z = np.asarray(s["z"], dtype=np.float64)
+    dz = (z[-1] - z[0]) / (len(z) - 1)  # z is rounded to 0.01 mm per slice; the step is uniform
+    lps = np.array(
+        [
+            [s["spacing"], 0.0, 0.0, s["origin"][0]],
+            [0.0, s["spacing"], 0.0, s["origin"][1]],
+            [0.0, 0.0, dz, z[0]],
+            [0.0, 0.0, 0.0, 1.0],
+        ]
+    )
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
+    order = SEGMENTATION_ORDERS[k % len(SEGMENTATION_ORDERS)]
+    data, affine = _reorder(labels.transpose(2, 1, 0), affine, order)
+    img = nib.Nifti1Image(np.ascontiguousarray(data), affine)
+    img.set_sform(affine, code=1)
+    img.set_qform(affine, code=1)
+    folder = out_dir / "segmentations"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{series_id}{'.nii' if k % 2 == 0 else '.nii.gz'}"
+    nib.save(img, path)
+    return path
 
 
 # --------------------------------------------------------------------------- public API
@@ -438,7 +527,14 @@ def _make_patient(plan: _PatientPlan, cfg: PhantomConfig, seed: int, out_dir: Pa
 def _prepare_out_dir(out_dir: Path, force: bool) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise ToolkitError(f"{out_dir} is a file; give a folder for the phantom")
-    ours = ("train_images", "phantom_truth", "train.csv", "train_series_meta.csv", "image_level_labels.csv")
+    ours = (
+        "train_images",
+        "phantom_truth",
+        "segmentations",
+        "train.csv",
+        "train_series_meta.csv",
+        "image_level_labels.csv",
+    )
     if not force:
         if (out_dir / "train.csv").exists():
             raise ToolkitError(f"{out_dir} already holds a dataset; pass --force to overwrite it")
@@ -486,6 +582,11 @@ def write_phantom(out_dir: Path, cfg: PhantomConfig, seed: int = 0, force: bool 
     cfg = check_section(cfg, "phantom")  # load_config's rules, for a PhantomConfig built in code
     _prepare_out_dir(out_dir, force)
     plans = _plan_cohort(cfg, seed)
+    # Series with an RSNA-like segmentation (a stream of their own, so the rest stays as it was);
+    # each gets the rank that picks its voxel order and file ending.
+    series_ids = [sp.series_id for plan in plans for sp in plan.series]
+    chosen = np.sort(_exact_subset(np.random.default_rng([seed, 6]), len(series_ids), cfg.segmentation_fraction))
+    segmentations = {series_ids[i]: rank for rank, i in enumerate(chosen)}
 
     from toolkit.cli_common import make_progress
 
@@ -494,7 +595,7 @@ def write_phantom(out_dir: Path, cfg: PhantomConfig, seed: int = 0, force: bool 
         task = progress.add_task("phantom", total=len(plans), info="")
         n_slices = 0
         for plan in plans:
-            res = _make_patient(plan, cfg, seed, out_dir)
+            res = _make_patient(plan, cfg, seed, out_dir, segmentations)
             results.append((plan, res))
             n_slices += sum(r.n_slices for r in res)
             progress.update(task, advance=1, info=f"{n_slices} slices")
@@ -545,6 +646,7 @@ def write_phantom(out_dir: Path, cfg: PhantomConfig, seed: int = 0, force: bool 
         "patients": len(plans),
         "series": len(meta_df),
         "slices": int(sum(r.n_slices for _, res in results for r in res)),
+        "segmentations": len(segmentations),
         "injured": {organ: int(sum(p.grades[organ] > 0 for p in plans)) for organ in ORGANS},
         "seconds": round(time.perf_counter() - start, 1),
     }

@@ -8,10 +8,13 @@ Input (RSNA 2023 Abdominal Trauma Detection layout)::
                               measurements are left empty)
     image_level_labels.csv    patient_id, series_id, instance_number, injury_name (optional)
     train_images/<patient_id>/<series_id>/<instance_number>.dcm
+    segmentations/<series_id>.nii[.gz]     organ masks (optional; RSNA labels, :mod:`toolkit.data.masks`)
+    totalsegmentator/<series_id>[.nii.gz|/]  TotalSegmentator output (optional)
 
 Output (``out``)::
 
     images.npy, manifest.csv, meta.json   the slice set (:mod:`toolkit.sliceset`)
+    masks.npy                 uint8 organ masks aligned with images.npy (0 where a series has none)
     split.csv                 patient_id, split, fold (:mod:`toolkit.data.split`)
     errors.csv                path (relative to the source), reason: every skipped file or series
     config.yaml               the resolved config
@@ -19,8 +22,9 @@ Output (``out``)::
 Slice labels follow :mod:`toolkit.data.labels`. Nothing read from DICOM tags except pixel data and
 geometry reaches the output; patients are named only by the CSV's pseudonymous ``patient_id``.
 
-Series are read by a process pool; each finished series is kept in ``out/.partial/<series_id>.npz``
-so an interrupted run resumes where it stopped. The store is written once every series is read.
+Series are read by a process pool; each finished series (with its organ masks) is kept in
+``out/.partial/<series_id>.npz`` so an interrupted run resumes where it stopped. The store is written
+once every series is read.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ import pandas as pd
 
 from toolkit import ORGANS, __version__
 from toolkit.config import Config, check_section, save_config
+from toolkit.data import masks as organ_masks
 from toolkit.data.dicom import load_series, series_files
 from toolkit.data.labels import (
     IMAGE_LABELS_CSV,
@@ -51,6 +56,7 @@ from toolkit.data.labels import (
 )
 from toolkit.data.split import split_hash, split_patients
 from toolkit.errors import ToolkitError
+from toolkit.reporting import Reporter, as_reporter
 from toolkit.sliceset import FIELD_COLUMNS, IMAGES_FILE, MANIFEST_FILE, META_FILE, SliceSet, organ_columns
 
 IMAGES_DIR = "train_images"
@@ -58,7 +64,7 @@ PARTIAL_DIR = ".partial"
 ERRORS_FILE = "errors.csv"
 SPLIT_FILE = "split.csv"
 CONFIG_FILE = "config.yaml"
-STORE_FILES = (IMAGES_FILE, MANIFEST_FILE, META_FILE, ERRORS_FILE, SPLIT_FILE, CONFIG_FILE)
+STORE_FILES = (IMAGES_FILE, MANIFEST_FILE, META_FILE, ERRORS_FILE, SPLIT_FILE, CONFIG_FILE, organ_masks.MASKS_FILE)
 
 SLICE_LABEL_RULE = (
     "bowel/extravasation: 1 on instances listed in image_level_labels.csv where the series has such rows, "
@@ -247,6 +253,12 @@ def _ingest_series(task: dict) -> dict:
         crop_body=task["crop_body"],
     )
     errors = [(p.relative_to(source).as_posix(), why) for p, why in result.errors]
+    masks, mask_warnings = None, []
+    if task["mask"] is not None and len(result.images):
+        mask = organ_masks.MaskFile(**{**task["mask"], "path": Path(task["mask"]["path"])})
+        masks, mask_warnings = organ_masks.series_masks(
+            mask, [Path(f) for f in task["files"]], result.table, result.images.shape[-1], task["label"]
+        )
     if not task["files"]:
         errors.append((task["label"], "series folder holds no file; series skipped"))
     elif len(result.images) == 0:
@@ -263,6 +275,9 @@ def _ingest_series(task: dict) -> dict:
         error_path=np.array([e[0] for e in errors], dtype=str),
         error_reason=np.array([e[1] for e in errors], dtype=str),
         warnings=np.array(result.warnings, dtype=str),
+        mask_source=np.array(task["mask"]["source"] if masks is not None else "", dtype=str),
+        mask_warnings=np.array(mask_warnings, dtype=str),
+        **({"masks": masks} if masks is not None else {}),
     )
     # Rename last so a partial file is either complete or absent.
     os.replace(tmp, final)
@@ -334,11 +349,11 @@ def _run_tasks(tasks: list[dict], workers: int, n_done: int, n_total: int) -> No
 # ----------------------------------------------------------------- assembly
 def _load_partial(path: Path) -> dict:
     with np.load(path, allow_pickle=False) as f:
-        return {k: f[k] for k in f.files if k != "images"}
+        return {k: f[k] for k in f.files if k not in ("images", "masks")}
 
 
 def _clear_outputs(out: Path) -> None:
-    for name in (*STORE_FILES, IMAGES_FILE + ".tmp.npy", MANIFEST_FILE + ".tmp"):
+    for name in (*STORE_FILES, IMAGES_FILE + ".tmp.npy", organ_masks.MASKS_FILE + ".tmp.npy", MANIFEST_FILE + ".tmp"):
         (out / name).unlink(missing_ok=True)
     shutil.rmtree(out / PARTIAL_DIR, ignore_errors=True)
 
@@ -366,6 +381,25 @@ def _write_store(out: Path, parts: list[Path], n: int, size: int, table: pd.Data
     (out / (MANIFEST_FILE + ".tmp")).replace(out / MANIFEST_FILE)
 
 
+def _write_masks(out: Path, parts: list[Path], n: int, size: int) -> None:
+    """Write ``masks.npy`` (uint8, aligned with images.npy) from the partials, one series at a time.
+
+    Series without a mask are left as the memory map's zeros, which most file systems store sparsely.
+    """
+    tmp = out / (organ_masks.MASKS_FILE + ".tmp.npy")
+    masks = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, size, size))
+    at = 0
+    for path in parts:
+        with np.load(path, allow_pickle=False) as f:
+            k = len(f["instance"])
+            if "masks" in f.files:
+                masks[at : at + k] = f["masks"]
+        at += k
+    masks.flush()
+    del masks
+    tmp.replace(out / organ_masks.MASKS_FILE)
+
+
 def _spacing_summary(spacing: np.ndarray, field_side: np.ndarray, size: int) -> dict:
     """Source and stored pixel spacing (mm): a stored pixel spans ``field_side / size`` source pixels."""
     ok = np.isfinite(spacing).all(axis=1)
@@ -380,7 +414,9 @@ def _spacing_summary(spacing: np.ndarray, field_side: np.ndarray, size: int) -> 
     }
 
 
-def prepare_store(source: Path, out: Path, cfg: Config, force: bool = False) -> SliceSet:
+def prepare_store(
+    source: Path, out: Path, cfg: Config, force: bool = False, reporter: Reporter | None = None
+) -> SliceSet:
     """Read an RSNA-layout folder into a slice store with a patient-level split.
 
     Parameters
@@ -393,6 +429,8 @@ def prepare_store(source: Path, out: Path, cfg: Config, force: bool = False) -> 
         Uses ``cfg.data`` (size, slices_per_series, test_fraction, folds, workers, windows) and ``cfg.seed``.
     force : bool, default=False
         Rebuild from scratch when ``out`` already holds a store.
+    reporter : Reporter, optional
+        Where warnings about organ masks go (default: :mod:`logging`).
 
     Returns
     -------
@@ -414,9 +452,13 @@ def prepare_store(source: Path, out: Path, cfg: Config, force: bool = False) -> 
     if force:
         _clear_outputs(out)
     partial = out / PARTIAL_DIR
-    _prepare_partial(
-        partial, _partial_settings(data.size, data.slices_per_series, data.crop_body, inputs.files_digest)
-    )
+    masks, orphans = organ_masks.find_masks(source, [s.series_id for s in inputs.series])
+    if orphans:
+        as_reporter(reporter).warn(
+            f"{len(orphans)} mask file(s) name no series of the input and are ignored: {_first(orphans)}"
+        )
+    settings = _partial_settings(data.size, data.slices_per_series, data.crop_body, inputs.files_digest)
+    _prepare_partial(partial, {**settings, "masks": organ_masks.masks_digest(masks)})
 
     tasks = [
         {
@@ -428,6 +470,11 @@ def prepare_store(source: Path, out: Path, cfg: Config, force: bool = False) -> 
             "slices": int(data.slices_per_series),
             "crop_body": bool(data.crop_body),
             "partial": str(partial / f"{s.series_id}.npz"),
+            "mask": (
+                {**asdict(masks[s.series_id]), "path": str(masks[s.series_id].path)}
+                if s.series_id in masks
+                else None
+            ),
         }
         for s in inputs.series
     ]
@@ -439,18 +486,22 @@ def prepare_store(source: Path, out: Path, cfg: Config, force: bool = False) -> 
         console.print(f"resuming: {done} of {len(tasks)} series already read ({partial})", soft_wrap=True)
     workers = int(data.workers) or os.cpu_count() or 1
     _run_tasks(todo, workers, len(tasks) - len(todo), len(tasks))
-    store = _assemble(source, out, cfg, inputs, [Path(t["partial"]) for t in tasks])
+    store = _assemble(source, out, cfg, inputs, [Path(t["partial"]) for t in tasks], reporter)
     shutil.rmtree(partial, ignore_errors=True)
     return store
 
 
-def _assemble(source: Path, out: Path, cfg: Config, inputs: _Inputs, parts: list[Path]) -> SliceSet:
+def _assemble(
+    source: Path, out: Path, cfg: Config, inputs: _Inputs, parts: list[Path], reporter: Reporter | None = None
+) -> SliceSet:
     data = cfg.data
     tables, errors, notes, spacing, kept_parts = [], [], [], [], []
+    mask_warnings: list[str] = []
     for s, path in zip(inputs.series, parts, strict=True):
         p = _load_partial(path)
         errors += list(zip(p["error_path"].tolist(), p["error_reason"].tolist(), strict=True))
         notes += p["warnings"].tolist()
+        mask_warnings += p["mask_warnings"].tolist()
         if len(p["instance"]) == 0:
             continue
         kept_parts.append(path)
@@ -465,10 +516,12 @@ def _assemble(source: Path, out: Path, cfg: Config, inputs: _Inputs, parts: list
                     "field_top": top,
                     "field_left": left,
                     "field_side": side,
+                    "mask_source": str(p["mask_source"]),
                 }
             )
         )
         spacing.append(p["spacing"])
+    _report_mask_warnings(mask_warnings, reporter)
     for note in notes[:5]:
         _warn(note)
     if len(notes) > 5:
@@ -501,7 +554,7 @@ def _assemble(source: Path, out: Path, cfg: Config, inputs: _Inputs, parts: list
     table["source"] = "real"
     table = table.merge(inputs.meta, on=["patient_id", "series_id"], how="left")
     columns = ["patient_id", "series_id", "instance", "z", *organ_columns(), "split", "fold", "source"]
-    table = table[columns + ["aortic_hu", "incomplete_organ", *FIELD_COLUMNS]]
+    table = table[columns + ["aortic_hu", "incomplete_organ", *FIELD_COLUMNS, "mask_source"]]
     split.to_csv(out / SPLIT_FILE, index=False)
 
     meta = {
@@ -524,11 +577,36 @@ def _assemble(source: Path, out: Path, cfg: Config, inputs: _Inputs, parts: list
         "n_skipped": int(n_skipped),
         "n_skipped_series": n_skipped_series,
         "dropped": {**inputs.dropped, "patients_without_readable_slices": int(lost)},
+        "masks": _masks_summary(table, mask_warnings),
         "config": {"seed": int(cfg.seed), "data": asdict(data)},
     }
+    _write_masks(out, kept_parts, len(table), int(data.size))  # before the manifest, which marks a finished store
     _write_store(out, kept_parts, len(table), int(data.size), table, meta)
     save_config(cfg, out / CONFIG_FILE)
     return SliceSet.load(out)
+
+
+_MAX_MASK_WARNINGS = 20
+
+
+def _report_mask_warnings(warnings: list[str], reporter: Reporter | None) -> None:
+    reporter = as_reporter(reporter)
+    for message in warnings[:_MAX_MASK_WARNINGS]:
+        reporter.warn(message)
+    if len(warnings) > _MAX_MASK_WARNINGS:
+        reporter.warn(
+            f"... and {len(warnings) - _MAX_MASK_WARNINGS} more mask warning(s), listed in meta.json (masks.warnings)"
+        )
+
+
+def _masks_summary(table: pd.DataFrame, warnings: list[str]) -> dict:
+    series = table.drop_duplicates("series_id")["mask_source"]
+    return {
+        "file": organ_masks.MASKS_FILE,
+        "labels": dict(organ_masks.STORE_LABELS),
+        "series": {src: int((series == src).sum()) for src in organ_masks.MASK_SOURCES},
+        "warnings": list(warnings),
+    }
 
 
 # ------------------------------------------------------------------ summary
@@ -547,6 +625,13 @@ def summarize_store(store: SliceSet) -> str:
         f"skipped: {n_skipped} unreadable file(s), {n_series} series without a readable image"
         + (" (listed in errors.csv)" if n_skipped or n_series else "")
     )
+    masks = meta.get("masks")
+    if masks:
+        n_masked = sum(masks["series"].values())
+        sources = ", ".join(f"{k} {v}" for k, v in masks["series"].items() if v)
+        lines.append(
+            f"organ masks: {n_masked} of {t['series_id'].nunique()} series" + (f" ({sources})" if sources else "")
+        )
     by_split = {s: t[t["split"] == s] for s in ("train", "test")}
     folds = sorted(int(f) for f in by_split["train"]["fold"].unique())
     test, train = by_split["test"], by_split["train"]
