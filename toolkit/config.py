@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
@@ -66,22 +66,14 @@ class DataConfig:
 
 
 @dataclass
-class GenConfig:
-    """``toolkit gen``: per-organ class-conditional generators."""
+class DiffusionGenConfig:
+    """``gen.diffusion``: the class-conditional DDPM (``gen/diffusion.py``)."""
 
-    model: str = "diffusion"  # diffusion | gan
-    image_size: int = 128
-    conditioning: str = "binary"  # binary (healthy/injured) | grade (healthy/low/high where defined)
-    train_steps: int = 20000
-    batch_size: int = 32
-    lr: float = 1e-4
-    mixed_precision: str = "no"  # no | fp16 | bf16 (accelerate)
-    checkpoint_every: int = 1000
-    # diffusion
+    lr: float = 1e-4  # AdamW
     unet_channels: list[int] = field(default_factory=lambda: [64, 128, 256, 256])
     layers_per_block: int = 2
     num_train_timesteps: int = 1000
-    ema_decay: float = 0.999
+    ema_decay: float = 0.999  # EMA of the UNet weights, which sampling uses
     label_dropout: float = 0.1  # classifier-free guidance
     guidance_scale: float = 2.0
     sampler: str = "dpm"  # dpm | ddim | ddpm
@@ -91,16 +83,52 @@ class GenConfig:
     # short runs got each slice's overall brightness wrong (grey air): at the noisiest steps x0 is
     # recovered as (x - sqrt(1-a) eps) / sqrt(a), which multiplies small noise errors ~150x.
     prediction_type: str = "v_prediction"
-    # gan
+
+
+@dataclass
+class GANGenConfig:
+    """``gen.gan``: the conditional GAN (``gen/gan.py``)."""
+
+    lr: float = 2e-4  # Adam, both networks
     z_dim: int = 128
     ngf: int = 64
     ndf: int = 64
-    gan_lr: float = 2e-4
-    gan_ema: bool = True  # sample from an EMA of the generator weights (decay ema_decay)
+    ema: bool = True  # sample from an EMA of the generator weights
+    ema_decay: float = 0.999
+
+
+@dataclass
+class GenConfig:
+    """``toolkit gen``: per-organ class-conditional generators.
+
+    Settings every backend reads sit here; each backend's own sit in its section
+    (``gen.diffusion``, ``gen.gan``), and only the active backend's (``gen.model``)
+    enter the generator id.
+    """
+
+    model: str = "diffusion"  # diffusion | gan: the backend, whose section below applies
+    image_size: int = 128
+    conditioning: str = "binary"  # binary (healthy/injured) | grade (healthy/low/high where defined)
+    train_steps: int = 20000
+    batch_size: int = 32
+    mixed_precision: str = "no"  # no | fp16 | bf16 (accelerate)
+    checkpoint_every: int = 1000
+    diffusion: DiffusionGenConfig = field(default_factory=DiffusionGenConfig)
+    gan: GANGenConfig = field(default_factory=GANGenConfig)
     # outputs and audit
     n: int = 2000  # synthetic slices written, split evenly over classes
     near_copy_threshold: float = 0.95  # cosine similarity to the nearest training slice
     audit_feature_epochs: int = 3
+
+    # Keys of the flat gen section of earlier versions -> where they live now (named in the error).
+    moved_keys: ClassVar[dict[str, str]] = {
+        **{k: f"diffusion.{k}" for k in (
+            "lr", "unet_channels", "layers_per_block", "num_train_timesteps", "label_dropout", "guidance_scale",
+            "sampler", "sample_steps", "beta_schedule", "prediction_type",
+        )},
+        "ema_decay": "diffusion.ema_decay' and 'gen.gan.ema_decay",
+        "z_dim": "gan.z_dim", "ngf": "gan.ngf", "ndf": "gan.ndf", "gan_lr": "gan.lr", "gan_ema": "gan.ema",
+    }
 
 
 @dataclass
@@ -124,6 +152,9 @@ class TrainConfig:
     # baseline with the same epoch_size, i.e. the same number of optimizer steps); see train/balancer.py.
     synthetic_ratio: float = 0.0
     synthetic_max_repeat: int = 4  # most times one synthetic slice may appear in one epoch
+    # Upsample a synthetic set generated at another size than train.image_size (else refused); the run
+    # records it. A set made with another HU window is always refused.
+    synthetic_resize: bool = False
     # Share of real healthy samples drawn from the series levels where the injured slices are
     # (hard negatives that show the organ); the rest uniform. See train/balancer.py.
     matched_negatives: float = 0.5
@@ -169,6 +200,8 @@ def _merge(obj: Any, values: dict[str, Any], where: str) -> Any:
     known = {f.name: f for f in fields(obj)}
     changes = {}
     for key, value in values.items():
+        if key not in known and key in getattr(obj, "moved_keys", {}):
+            raise ToolkitError(f"config key '{where}{key}' is now '{where}{obj.moved_keys[key]}'; move it in your config")
         if key not in known:
             raise ToolkitError(
                 f"unknown config key '{where}{key}'; valid keys: {', '.join(sorted(known))}"
