@@ -201,7 +201,7 @@ def _merge(obj: Any, values: dict[str, Any], where: str) -> Any:
     changes = {}
     for key, value in values.items():
         if key not in known and key in getattr(obj, "moved_keys", {}):
-            raise ToolkitError(f"config key '{where}{key}' is now '{where}{obj.moved_keys[key]}'; move it in your config")
+            raise ToolkitError(f"config key '{where}{key}' is now '{where}{obj.moved_keys[key]}'; move it there")
         if key not in known:
             raise ToolkitError(
                 f"unknown config key '{where}{key}'; valid keys: {', '.join(sorted(known))}"
