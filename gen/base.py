@@ -67,7 +67,7 @@ def gen_config_from_dict(values: dict[str, Any], source: str | Path) -> GenConfi
     except TypeError:
         raise ContractError(
             f"{source} holds gen settings of an earlier toolkit version (before gen.diffusion / gen.gan); "
-            "re-run `toolkit gen --force` to train it again"
+            "re-run `toolkit gen --organ <organ> --force` to train it again"
         ) from None
 
 

@@ -126,7 +126,7 @@ def test_checkpoint_of_the_flat_config_layout_is_refused(train_images, tmp_path)
     flat = {k: v for k, v in config["gen"].items() if k != "gan"}
     config["gen"] = {**flat, "z_dim": 8, "ngf": 8, "ndf": 8, "gan_lr": 5e-4, "gan_ema": True}
     (tmp_path / CONFIG_NAME).write_text(json.dumps(config))
-    with pytest.raises(ContractError, match="earlier toolkit version .* re-run `toolkit gen --force`"):
+    with pytest.raises(ContractError, match="earlier toolkit version .* re-run `toolkit gen --organ <organ> --force`"):
         load_generator(tmp_path)
 
 
