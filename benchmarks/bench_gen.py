@@ -4,7 +4,7 @@ Prints:
 
 - training images/s of the diffusion and GAN generators (``fit``), and of a plain diffusers
   training loop (UNet + DDPMScheduler + AdamW, nothing else) on the same data: the ratio is the
-  overhead of accelerate, EMA, class balancing and checkpoint bookkeeping;
+  overhead of the shared training loop (gen/training.py: accelerate, EMA, class balancing, bookkeeping);
 - sampling images/s of DPM-Solver++ at its default steps vs diffusers' DDPM sampler at every
   training timestep (1000), with the ratio;
 - the audit's Fréchet distance (same feature net, same real slices, same number of slices) and HU
@@ -58,10 +58,11 @@ def plain_diffusers_loop(x: np.ndarray, y: np.ndarray, cfg, steps: int) -> float
 
     from gen.models.unet import build_unet
 
+    dcfg = cfg.diffusion
     torch.manual_seed(0)
-    unet = build_unet(cfg.image_size, 2, cfg.unet_channels, cfg.layers_per_block)
-    sched = DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule)
-    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr)
+    unet = build_unet(cfg.image_size, 2, dcfg.unet_channels, dcfg.layers_per_block)
+    sched = DDPMScheduler(num_train_timesteps=dcfg.num_train_timesteps, beta_schedule=dcfg.beta_schedule)
+    opt = torch.optim.AdamW(unet.parameters(), lr=dcfg.lr)
     data = torch.from_numpy(x).unsqueeze(1) * 2 - 1
     labels = torch.from_numpy(y)
     start = None
@@ -70,7 +71,7 @@ def plain_diffusers_loop(x: np.ndarray, y: np.ndarray, cfg, steps: int) -> float
             start = time.perf_counter()
         idx = torch.randint(len(data), (cfg.batch_size,))
         x0, noise = data[idx], torch.randn(cfg.batch_size, 1, cfg.image_size, cfg.image_size)
-        t = torch.randint(0, cfg.num_train_timesteps, (cfg.batch_size,))
+        t = torch.randint(0, dcfg.num_train_timesteps, (cfg.batch_size,))
         loss = F.mse_loss(unet(sched.add_noise(x0, noise, t), t, class_labels=labels[idx]).sample, noise)
         opt.zero_grad()
         loss.backward()
@@ -121,12 +122,12 @@ def main() -> None:
     print(f"\ntraining (batch {cfg.batch_size}, {args.image_size}px)")
     print(
         f"  diffusion fit      {diff_rate:8.1f} img/s  ({args.diffusion_steps} steps in {diff_s:.0f} s; "
-        f"UNet {list(cfg.unet_channels)} x{cfg.layers_per_block})"
+        f"UNet {list(cfg.diffusion.unet_channels)} x{cfg.diffusion.layers_per_block})"
     )
     print(f"  plain diffusers    {plain:8.1f} img/s  (same UNet, bare loop)  fit/plain = {diff_rate / plain:.2f}")
     print(
         f"  GAN fit            {gan_rate:8.1f} img/s  ({args.gan_steps} steps in {gan_s:.0f} s; "
-        f"ngf {cfg.ngf}, ndf {cfg.ndf})  GAN/diffusion = {gan_rate / diff_rate:.1f}x"
+        f"ngf {cfg.gan.ngf}, ndf {cfg.gan.ndf})  GAN/diffusion = {gan_rate / diff_rate:.1f}x"
     )
 
     n_per_class = max(1, args.n // 2)
@@ -146,7 +147,7 @@ def main() -> None:
     for name, (imgs, secs) in results.items():
         rep = audit(x, y, imgs, labels, feature_net=net, real_groups=groups, seed=0)
         fds[name] = rep["frechet_distance"]["synthetic_vs_real"]
-        steps = cfg.sample_steps if name == "dpm" else cfg.num_train_timesteps
+        steps = cfg.diffusion.sample_steps if name == "dpm" else cfg.diffusion.num_train_timesteps
         sampler = "DPM-Solver++" if name == "dpm" else "diffusers DDPM"
         print(
             f"  {sampler:15s} {steps:5d} steps {len(imgs) / secs:8.2f} img/s  FD {fds[name]:7.2f} "

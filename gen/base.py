@@ -8,6 +8,9 @@ Interface (sklearn-like: ``__init__`` only stores, ``fit`` learns, learned attri
     gen.save_pretrained(folder)                                  # config.json + model.safetensors
     gen = DiffusionGenerator.from_pretrained(folder)
 
+``fit`` is :func:`gen.training.fit_generator`, the one training loop; a backend supplies
+``build_training``, ``training_step``, ``log_columns`` and (optionally) ``sampling_model``.
+
 Reproducibility: every training step draws its batch, noise and labels from a
 ``torch.Generator`` seeded by ``(seed, step, process)``, so a run resumed from a
 checkpoint at step k continues exactly as the uninterrupted run would (on CPU),
@@ -21,14 +24,19 @@ import json
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
 from toolkit.config import GenConfig
-from toolkit.errors import ToolkitError
+from toolkit.errors import ContractError, ToolkitError
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from gen.training import TrainingParts
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -36,6 +44,38 @@ TRAINING_STATE_NAME = "training_state.pt"
 
 StepCallback = Callable[[int, dict[str, float]], None]
 """``callback(step, logs)`` after each optimisation step; ``step`` counts completed steps."""
+
+
+def gen_settings(cfg: GenConfig, backend: str) -> dict[str, Any]:
+    """``cfg`` as a dict of the shared settings and ``backend``'s own section only.
+
+    The other backends' sections are left out: they do not shape this backend's model, so they
+    belong neither in its ``config.json`` nor in its generator id.
+    """
+    sections = {f.name for f in dataclasses.fields(cfg) if dataclasses.is_dataclass(getattr(cfg, f.name))}
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in sections or k == backend}
+
+
+def gen_config_from_dict(values: dict[str, Any], source: str | Path) -> GenConfig:
+    """Rebuild a :class:`GenConfig` from :func:`gen_settings` output (sections left out keep defaults)."""
+    default = GenConfig()
+    try:
+        changes = {
+            k: dataclasses.replace(getattr(default, k), **v) if isinstance(v, dict) else v for k, v in values.items()
+        }
+        return dataclasses.replace(default, **changes)
+    except TypeError:
+        raise ContractError(
+            f"{source} holds gen settings of an earlier toolkit version (before gen.diffusion / gen.gan); "
+            "re-run `toolkit gen --organ <organ> --force` to train it again"
+        ) from None
+
+
+def _setting(values: dict[str, Any], dotted: str) -> Any:
+    """``values["diffusion"]["lr"]`` for ``"diffusion.lr"`` (None when absent)."""
+    for part in dotted.split("."):
+        values = values.get(part) if isinstance(values, dict) else None
+    return values
 
 
 def default_class_names(n_classes: int) -> list[str]:
@@ -87,12 +127,13 @@ def from_model_range(x: torch.Tensor) -> np.ndarray:
 
 
 class BaseGenerator:
-    """Common machinery; backends implement ``_build``, ``fit``, ``sample`` and the state hooks.
+    """Common machinery; backends implement the training hooks, ``sample`` and ``_build_sampling_model``.
 
     Parameters
     ----------
     cfg : GenConfig
-        Hyperparameters (``image_size``, steps, widths, ...).
+        Shared hyperparameters (``image_size``, steps, ...) and the backend's section
+        (``cfg.diffusion``, ``cfg.gan``).
     n_classes : int, default=2
         Conditioning classes; label ``c`` in ``0..n_classes-1`` (0 = healthy).
     class_names : list of str, optional
@@ -102,6 +143,8 @@ class BaseGenerator:
     """
 
     generator_name: str = ""
+    log_columns: tuple[str, ...] = ()
+    """Names of the floats :meth:`training_step` returns (``loss.csv`` columns besides step and img_per_s)."""
 
     def __init__(self, cfg: GenConfig, n_classes: int = 2, class_names: list[str] | None = None, seed: int = 0) -> None:
         self.cfg = cfg
@@ -109,7 +152,6 @@ class BaseGenerator:
         self.class_names = class_names
         self.seed = seed
 
-    # ------------------------------------------------------------ to implement
     def fit(
         self,
         images: Any,
@@ -118,7 +160,58 @@ class BaseGenerator:
         resume: bool = False,
         callback: StepCallback | None = None,
     ) -> BaseGenerator:
+        """Train for ``cfg.train_steps`` steps (continuing from ``checkpoint_dir`` when ``resume``).
+
+        Parameters
+        ----------
+        images : ndarray of shape (n, S, S), float in [0, 1], or any array-like whose
+            ``images[idx]`` returns that (e.g. :class:`gen.data.WindowedSlices`)
+        labels : ndarray of shape (n,), int classes 0..n_classes-1
+        checkpoint_dir : path, optional
+            Where ``config.json``, ``model.safetensors`` (sampling weights) and ``training_state.pt``
+            go every ``cfg.checkpoint_every`` steps and at the end (main process only).
+        resume : bool, default=False
+            Continue from the checkpoint in ``checkpoint_dir`` if there is one.
+        callback : callable, optional
+            ``callback(step, {"step", *log_columns, "img_per_s"})`` after each step.
+        """
+        # Imported here: gen.training builds on this module.
+        from gen.training import fit_generator
+
+        return fit_generator(self, images, labels, checkpoint_dir=checkpoint_dir, resume=resume, callback=callback)
+
+    # ------------------------------------------------------------ to implement
+    def build_training(self) -> TrainingParts:
+        """Fresh networks, their optimizers and EMA (the loop seeds the global RNG around this)."""
         raise NotImplementedError
+
+    def training_step(
+        self,
+        parts: TrainingParts,
+        batch: torch.Tensor,
+        labels: torch.Tensor,
+        generator: torch.Generator,
+        accelerator: Accelerator,
+    ) -> dict[str, float]:
+        """One optimisation step; returns ``{name: value for name in log_columns}``.
+
+        Parameters
+        ----------
+        parts : TrainingParts
+            From :meth:`build_training`, prepared by ``accelerator``.
+        batch : Tensor of shape (b, 1, S, S), float32 in [-1, 1], on ``accelerator.device``
+        labels : LongTensor of shape (b,), on ``accelerator.device``
+        generator : torch.Generator
+            CPU generator of this step; every random draw of the step must come from it.
+        accelerator : Accelerator
+            For ``backward``, gradient clipping and the device.
+        """
+        raise NotImplementedError
+
+    def sampling_model(self, parts: TrainingParts, accelerator: Accelerator) -> torch.nn.Module:
+        """The network ``sample`` runs, in eval mode: a copy of ``parts.modules[parts.sample_from]``
+        holding the EMA weights where an EMA is kept."""
+        return self._copy_for_sampling(parts, accelerator).eval()
 
     def sample(
         self,
@@ -137,6 +230,13 @@ class BaseGenerator:
     @property
     def image_size(self) -> int:
         return int(self.cfg.image_size)
+
+    def _copy_for_sampling(self, parts: TrainingParts, accelerator: Accelerator) -> torch.nn.Module:
+        model = self._build_sampling_model().to(accelerator.device)
+        model.load_state_dict(accelerator.unwrap_model(parts.modules[parts.sample_from]).state_dict())
+        if parts.ema is not None:
+            parts.ema.copy_to(model.parameters())
+        return model
 
     @property
     def classes_(self) -> list[str]:
@@ -185,7 +285,7 @@ class BaseGenerator:
             "class_names": self.classes_,
             "seed": self.seed,
             "step": int(getattr(self, "step_", 0)),
-            "gen": dataclasses.asdict(self.cfg),
+            "gen": {**gen_settings(self.cfg, self.generator_name), "model": self.generator_name},
         }
 
     # ------------------------------------------------------------ persistence
@@ -213,7 +313,7 @@ class BaseGenerator:
             raise ToolkitError(
                 f"{config_file} holds a '{config.get('generator')}' generator, not '{cls.generator_name}'"
             )
-        gen_cfg = GenConfig(**config["gen"])
+        gen_cfg = gen_config_from_dict(config["gen"], config_file)
         self = cls(gen_cfg, n_classes=config["n_classes"], class_names=config["class_names"], seed=config["seed"])
         model = self._build_sampling_model()
         model.load_state_dict(load_file(str(weights)))
@@ -239,20 +339,22 @@ class BaseGenerator:
         # Anything shaping the weights must match; train_steps may grow, other settings may change.
         for key in ("generator", "n_classes"):
             if saved.get(key) != mine.get(key):
-                raise ToolkitError(
+                raise ContractError(
                     f"checkpoint at {directory} has {key}={saved.get(key)!r} "
                     f"but this run has {mine.get(key)!r}; "
                     "pass --force to start over"
                 )
+        saved_gen = dataclasses.asdict(gen_config_from_dict(saved["gen"], Path(directory) / CONFIG_NAME))
         for key in self._architecture_keys():
-            if saved["gen"].get(key) != mine["gen"].get(key):
-                raise ToolkitError(
-                    f"checkpoint at {directory} has gen.{key}={saved['gen'].get(key)!r} but this run has "
-                    f"{mine['gen'].get(key)!r}; pass --force to start over"
+            if _setting(saved_gen, key) != _setting(mine["gen"], key):
+                raise ContractError(
+                    f"checkpoint at {directory} has gen.{key}={_setting(saved_gen, key)!r} but this run has "
+                    f"{_setting(mine['gen'], key)!r}; pass --force to start over"
                 )
         return state
 
     def _architecture_keys(self) -> tuple[str, ...]:
+        """Settings (dotted, below ``gen``) that a checkpoint must share with a run resuming it."""
         return ("image_size",)
 
 

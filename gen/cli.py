@@ -7,7 +7,17 @@ from typing import Annotated
 
 import typer
 
-from toolkit.cli_common import ConfigOpt, ForceOpt, SeedOpt, SetOpt, WorkdirOpt, console, handle_errors, setup
+from toolkit.cli_common import (
+    ConfigOpt,
+    ConsoleReporter,
+    ForceOpt,
+    SeedOpt,
+    SetOpt,
+    WorkdirOpt,
+    console,
+    handle_errors,
+    setup,
+)
 from toolkit.errors import ToolkitError
 
 ORGAN_HELP = "Organ to generate: bowel, extravasation, kidney, liver, spleen, or all (skips finished organs)."
@@ -63,7 +73,7 @@ def gen(
         seed,
     )
     if organ == "all":
-        results = generate_all(ws, cfg, n=n, resume=resume, force=force)
+        results = generate_all(ws, cfg, n=n, resume=resume, force=force, reporter=ConsoleReporter())
         failed = []
         for name, result in results.items():
             if result["status"] == "failed":
@@ -74,7 +84,7 @@ def gen(
         if failed:
             raise ToolkitError(f"gen failed for {', '.join(failed)} (reasons above); the other organs are written")
         return
-    out = generate(ws, cfg, organ, n=n, resume=resume, force=force)
+    out = generate(ws, cfg, organ, n=n, resume=resume, force=force, reporter=ConsoleReporter())
     import json
 
     summary = json.loads((out / "audit.json").read_text())["summary"]

@@ -68,7 +68,8 @@ def create_generator(
     name : {"diffusion", "gan"}
         Registered backend name.
     cfg : GenConfig
-        Hyperparameters; ``overrides`` (non-None values) replace fields of it, e.g. ``image_size=32``.
+        Hyperparameters; ``overrides`` (non-None values) replace its shared fields or those of
+        the backend's section, e.g. ``image_size=32`` or, for the GAN, ``z_dim=16`` (``cfg.gan.z_dim``).
     n_classes : int, default=2
         Number of conditioning classes (2 binary, 3 healthy/low/high).
     class_names : list of str, optional
@@ -83,11 +84,17 @@ def create_generator(
         raise ToolkitError(f"unknown generator '{name}'; valid generators: {', '.join(sorted(_GENERATORS))}")
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if overrides:
-        valid = {f.name for f in dataclasses.fields(cfg)}
-        unknown = sorted(set(overrides) - valid)
+        section = getattr(cfg, name, None)
+        own = {f.name for f in dataclasses.fields(section)} if dataclasses.is_dataclass(section) else set()
+        shared = {f.name for f in dataclasses.fields(cfg) if not dataclasses.is_dataclass(getattr(cfg, f.name))}
+        unknown = sorted(set(overrides) - shared - own)
         if unknown:
-            raise ToolkitError(f"unknown generator option(s) {', '.join(unknown)}; valid: {', '.join(sorted(valid))}")
-        cfg = dataclasses.replace(cfg, **overrides)
+            valid = ", ".join(sorted(shared | own))
+            raise ToolkitError(f"unknown generator option(s) {', '.join(unknown)}; valid: {valid}")
+        changes = {k: v for k, v in overrides.items() if k in shared}
+        if set(overrides) - shared:
+            changes[name] = dataclasses.replace(section, **{k: v for k, v in overrides.items() if k not in shared})
+        cfg = dataclasses.replace(cfg, **changes)
     return _GENERATORS[name](cfg, n_classes=n_classes, class_names=class_names, seed=seed)
 
 

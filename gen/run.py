@@ -3,7 +3,7 @@
 Output folder::
 
     synthetic/<organ>/
-      images.npy, manifest.csv, meta.json   the synthetic SliceSet (int16 HU, split "synthetic")
+      images.npy, manifest.csv, meta.json   the synthetic set (toolkit.artifacts.synthetic.SyntheticSet)
       train_patients.csv                    patient ids the generator was trained on (train split only)
       config.yaml                           resolved config
       checkpoint/                           config.json + model.safetensors + training_state.pt (resume)
@@ -16,7 +16,6 @@ Output folder::
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math
@@ -28,13 +27,15 @@ import numpy as np
 import pandas as pd
 
 from gen.audit import audit
-from gen.base import TRAINING_STATE_NAME
+from gen.base import TRAINING_STATE_NAME, gen_settings
 from gen.data import check_organ, load_training_data, train_patients_hash
 from gen.grid import save_grid
 from gen.registry import create_generator, list_generators
 from toolkit import ORGANS
+from toolkit.artifacts.synthetic import SyntheticSet
 from toolkit.config import Config, save_config
 from toolkit.errors import ToolkitError
+from toolkit.reporting import Reporter, as_reporter
 from toolkit.sliceset import SliceSet
 from toolkit.transforms import unwindow_hu
 from toolkit.workspace import Workspace
@@ -44,8 +45,12 @@ _NOT_IN_ID = ("n", "checkpoint_every", "near_copy_threshold", "audit_feature_epo
 
 
 def generator_id(organ: str, cfg: Config, split_hash: str, patients_hash: str) -> str:
-    """``<organ>-<model>-<hash8>``: same config, seed, window and training patients -> same id."""
-    gen = {k: v for k, v in dataclasses.asdict(cfg.gen).items() if k not in _NOT_IN_ID}
+    """``<organ>-<model>-<hash8>``: same config, seed, window and training patients -> same id.
+
+    Only the shared ``gen`` settings and the active backend's section (``gen.<model>``) count:
+    a diffusion generator keeps its id when a GAN setting changes.
+    """
+    gen = {k: v for k, v in gen_settings(cfg.gen, cfg.gen.model).items() if k not in _NOT_IN_ID}
     key = {
         "organ": organ,
         "gen": gen,
@@ -84,6 +89,7 @@ def generate(
     n: int | None = None,
     resume: bool = False,
     force: bool = False,
+    reporter: Reporter | None = None,
 ) -> Path:
     """Train ``organ``'s generator on the store's train split, sample, audit, write the synthetic set.
 
@@ -102,6 +108,8 @@ def generate(
         Continue an interrupted training from ``checkpoint/``.
     force : bool, default=False
         Overwrite an existing synthetic set (and, without ``resume``, its checkpoint).
+    reporter : Reporter, optional
+        Where progress and messages go (default: logging, no progress bars).
 
     Returns
     -------
@@ -110,8 +118,7 @@ def generate(
     """
     from accelerate import PartialState
 
-    from toolkit.cli_common import console, make_progress
-
+    reporter = as_reporter(reporter)
     check_organ(organ)
     if cfg.gen.model not in list_generators():
         raise ToolkitError(f"unknown gen.model '{cfg.gen.model}'; valid generators: {', '.join(list_generators())}")
@@ -140,12 +147,12 @@ def generate(
         cfg.gen.model, cfg.gen, n_classes=len(data.class_names), class_names=data.class_names, seed=cfg.seed
     )
     counts = ", ".join(f"{k} {v}" for k, v in data.class_counts().items())
-    console.print(
-        f"[bold]{organ}[/]: {cfg.gen.model} generator {gid} on {len(data.labels)} training slices ({counts}) "
+    reporter.info(
+        f"{organ}: {cfg.gen.model} generator {gid} on {len(data.labels)} training slices ({counts}) "
         f"of {len(data.train_patients)} train-split patients, "
         f"{cfg.gen.image_size}px, {cfg.gen.train_steps} steps"
     )
-    with make_progress() as progress:
+    with reporter.progress() as progress:
         task = progress.add_task(f"train {organ}", total=cfg.gen.train_steps)
 
         def on_step(step: int, logs: dict[str, float]) -> None:
@@ -193,42 +200,31 @@ def generate(
         seed=cfg.seed,
         near_copy=per_slice["near_copy"],
     )
-    grades = labels if len(data.class_names) == 3 else (labels > 0).astype(np.int64)
-    table = pd.DataFrame(
-        {
-            "patient_id": -1,
-            "series_id": -1,
-            "instance": np.arange(n),
-            "z": 0.0,
-            organ: grades,
-            f"{organ}_patient": grades,
-            "split": "synthetic",
-            "fold": -1,
-            "source": "synthetic",
-            "generator_id": gid,
-            "near_copy": per_slice["near_copy"].astype(bool),
-            "nn_similarity": np.round(per_slice["nn_similarity"].astype(np.float64), 5),
-        }
-    )
-    meta = {
-        "source": "synthetic",
-        "generator_id": gid,
-        "organ": organ,
-        "model": cfg.gen.model,
-        "classes": data.class_names,
-        "split_hash": split_hash,
-        "train_patients_hash": patients_hash,
+    provenance = {
         "n_train_patients": int(len(data.train_patients)),
         "n_train_slices": int(len(data.labels)),
-        "window": list(data.window),
-        "image_size": int(cfg.gen.image_size),
         "train_steps": int(generator.step_),
         "seed": int(cfg.seed),
         "audit": report["summary"],
     }
     if cfg.gen.model == "diffusion":
-        meta.update(sampler=cfg.gen.sampler, sample_steps=cfg.gen.sample_steps, guidance_scale=cfg.gen.guidance_scale)
-    SliceSet(unwindow_hu(synth, data.window), table, meta).save(out, force=True)
+        dcfg = cfg.gen.diffusion
+        provenance.update(sampler=dcfg.sampler, sample_steps=dcfg.sample_steps, guidance_scale=dcfg.guidance_scale)
+    SyntheticSet.from_samples(
+        unwindow_hu(synth, data.window),
+        labels,
+        per_slice["near_copy"],
+        per_slice["nn_similarity"],
+        organ=organ,
+        generator_id=gid,
+        backend=cfg.gen.model,
+        window=data.window,
+        windows=cfg.data.windows,
+        class_names=data.class_names,
+        split_hash=split_hash,
+        train_patients_hash=patients_hash,
+        provenance=provenance,
+    ).save(out, force=True)
     return out
 
 
@@ -239,6 +235,7 @@ def generate_all(
     n: int | None = None,
     resume: bool = False,
     force: bool = False,
+    reporter: Reporter | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Run :func:`generate` for each organ; finished organs are skipped unless ``force``.
 
@@ -257,7 +254,9 @@ def generate_all(
             continue
         interrupted = (out / "checkpoint" / TRAINING_STATE_NAME).exists()
         try:
-            path = generate(ws, cfg, organ, n=n, resume=resume or (interrupted and not force), force=force)
+            path = generate(
+                ws, cfg, organ, n=n, resume=resume or (interrupted and not force), force=force, reporter=reporter
+            )
         except ToolkitError as exc:
             results[organ] = {"status": "failed", "error": str(exc)}
             continue

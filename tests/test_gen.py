@@ -1,4 +1,7 @@
-"""Generators (diffusion, GAN), the audit and ``toolkit gen`` on tiny real training runs."""
+"""Generators (diffusion, GAN), the audit and ``toolkit gen`` on tiny real training runs.
+
+The contract every backend keeps (fit, sample, persistence, resume) is in test_gen_contract.py.
+"""
 
 from __future__ import annotations
 
@@ -14,13 +17,14 @@ from conftest import make_toy_slice_set
 from typer.testing import CliRunner
 
 from gen.audit import audit
-from gen.base import CONFIG_NAME, TRAINING_STATE_NAME, WEIGHTS_NAME
+from gen.base import CONFIG_NAME, WEIGHTS_NAME
 from gen.models.gan_nets import ConditionalGenerator, ProjectionDiscriminator
 from gen.registry import create_generator, list_generators, load_generator
 from gen.run import generate, generate_all
+from toolkit.artifacts.synthetic import SyntheticSet
 from toolkit.cli import app
 from toolkit.config import CONFIG_DIR, load_config
-from toolkit.errors import ToolkitError
+from toolkit.errors import ContractError, ToolkitError
 from toolkit.sliceset import SliceSet
 from toolkit.transforms import resize_slices, window_hu
 from toolkit.workspace import Workspace
@@ -30,20 +34,23 @@ TINY = {
     "train_steps": 4,
     "batch_size": 8,
     "checkpoint_every": 2,
-    "ngf": 8,
-    "ndf": 8,
-    "z_dim": 8,
-    "unet_channels": [8, 16],
-    "layers_per_block": 1,
-    "num_train_timesteps": 50,
-    "sample_steps": 3,
     "n": 12,
     "audit_feature_epochs": 1,
+    "gan": {"ngf": 8, "ndf": 8, "z_dim": 8},
+    "diffusion": {"unet_channels": [8, 16], "layers_per_block": 1, "num_train_timesteps": 50, "sample_steps": 3},
 }
 
 
+def merged(base: dict, changes: dict) -> dict:
+    """``base`` with ``changes`` applied, section by section."""
+    out = dict(base)
+    for key, value in changes.items():
+        out[key] = merged(out.get(key) or {}, value) if isinstance(value, dict) else value
+    return out
+
+
 def tiny_config(**gen):
-    return load_config("demo", {"gen": {**TINY, **gen}})
+    return load_config("demo", {"gen": merged(TINY, gen)})
 
 
 @pytest.fixture(scope="module")
@@ -85,63 +92,42 @@ def test_gan_rejects_unsupported_size():
         ConditionalGenerator(48, 8, 4, 2)
 
 
-# ------------------------------------------------------------------ train, sample, persist
-@pytest.mark.parametrize("model", ["gan", "diffusion"])
-def test_fit_sample_deterministic_and_pretrained_roundtrip(model, train_images, tmp_path):
-    x, y = train_images
-    gen = create_generator(model, tiny_config().gen, n_classes=2, seed=0)
-    gen.fit(x, y)
-    a = gen.sample(n_per_class=3, seed=7)
-    assert a.shape == (6, 16, 16) and a.dtype == np.float32
-    assert 0.0 <= a.min() and a.max() <= 1.0 and a.std() > 0
-    np.testing.assert_array_equal(a, gen.sample(n_per_class=3, seed=7))
-    assert not np.array_equal(a, gen.sample(n_per_class=3, seed=8))
-    # The class label changes the output: same noise, other class.
-    b = gen.sample(labels=np.array([1, 1, 1, 0, 0, 0]), seed=7)
-    assert not np.array_equal(a[:3], b[:3])
-
-    gen.save_pretrained(tmp_path / "g")
-    assert sorted(p.name for p in (tmp_path / "g").iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]
-    again = load_generator(tmp_path / "g")
-    assert type(again) is type(gen)
-    np.testing.assert_array_equal(again.sample(n_per_class=3, seed=7), a)
-
-
+# ------------------------------------------------------------------ backend specifics, config
 def test_diffusion_noise_target_and_every_sampler(train_images):
     x, y = train_images
-    gen = create_generator("diffusion", tiny_config(prediction_type="epsilon").gen, seed=0).fit(x, y)
+    gen = create_generator("diffusion", tiny_config(diffusion={"prediction_type": "epsilon"}).gen, seed=0).fit(x, y)
     for sampler in ("dpm", "ddim", "ddpm"):
         out = gen.sample(n_per_class=1, seed=0, sampler=sampler)
         assert out.shape == (2, 16, 16) and np.isfinite(out).all()
     with pytest.raises(ToolkitError, match="unknown sampler 'euler'"):
         gen.sample(n_per_class=1, sampler="euler")
-    with pytest.raises(ToolkitError, match="unknown gen.prediction_type 'x0'"):
-        create_generator("diffusion", tiny_config(prediction_type="x0").gen).fit(x, y)
+    with pytest.raises(ToolkitError, match="unknown gen.diffusion.prediction_type 'x0'"):
+        create_generator("diffusion", tiny_config(diffusion={"prediction_type": "x0"}).gen).fit(x, y)
 
 
-@pytest.mark.parametrize("model", ["gan", "diffusion"])
-def test_resume_after_interruption_equals_uninterrupted_run(model, train_images, tmp_path):
+def test_backend_settings_live_in_their_section():
+    cfg = tiny_config(model="diffusion").gen
+    assert cfg.gan.z_dim == 8 and cfg.diffusion.unet_channels == [8, 16]
+    # create_generator overrides reach the shared settings and the backend's own section only.
+    gen = create_generator("gan", cfg, z_dim=4, image_size=32)
+    assert gen.cfg.gan.z_dim == 4 and gen.cfg.image_size == 32 and cfg.gan.z_dim == 8
+    with pytest.raises(ToolkitError, match="unknown generator option\\(s\\) unet_channels"):
+        create_generator("gan", cfg, unet_channels=[4])
+    # A config of the flat layout names where a key went.
+    with pytest.raises(ToolkitError, match="config key 'gen.z_dim' is now 'gen.gan.z_dim'"):
+        load_config("demo", {"gen": {"z_dim": 8}})
+
+
+def test_checkpoint_of_the_flat_config_layout_is_refused(train_images, tmp_path):
     x, y = train_images
-    cfg = tiny_config(train_steps=6, checkpoint_every=2).gen
-    full = create_generator(model, cfg, seed=3).fit(x, y, checkpoint_dir=tmp_path / "full")
-
-    def crash(step, logs):
-        if step == 5:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        create_generator(model, cfg, seed=3).fit(x, y, checkpoint_dir=tmp_path / "cut", callback=crash)
-    state = torch.load(tmp_path / "cut" / TRAINING_STATE_NAME, weights_only=True)
-    assert int(state["step"]) == 4  # the last checkpoint before the crash
-
-    resumed = create_generator(model, cfg, seed=3).fit(x, y, checkpoint_dir=tmp_path / "cut", resume=True)
-    assert resumed.step_ == full.step_ == 6
-    a, b = full.model_.state_dict(), resumed.model_.state_dict()
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
-    assert [r["step"] for r in resumed.history_] == [1, 2, 3, 4, 5, 6]
-    np.testing.assert_array_equal(full.sample(n_per_class=2, seed=0), resumed.sample(n_per_class=2, seed=0))
+    gen = create_generator("gan", tiny_config().gen, seed=0).fit(x, y)
+    gen.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / CONFIG_NAME).read_text())
+    flat = {k: v for k, v in config["gen"].items() if k != "gan"}
+    config["gen"] = {**flat, "z_dim": 8, "ngf": 8, "ndf": 8, "gan_lr": 5e-4, "gan_ema": True}
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(config))
+    with pytest.raises(ContractError, match="earlier toolkit version .* re-run `toolkit gen --organ <organ> --force`"):
+        load_generator(tmp_path)
 
 
 # ------------------------------------------------------------------ audit
@@ -170,7 +156,8 @@ def test_audit_flags_a_planted_training_slice_and_nothing_else(train_images):
 def test_generate_writes_an_audited_synthetic_slice_set(workspace, toy_store):
     cfg = tiny_config()
     out = generate(workspace, cfg, "liver")
-    syn = SliceSet.load(out)
+    synthetic = SyntheticSet.load(out)
+    syn = synthetic.slices
     assert syn.images.dtype == np.int16 and syn.images.shape == (12, 16, 16)
     level, width = cfg.data.windows[0]
     assert syn.images.min() >= level - width / 2 and syn.images.max() <= level + width / 2
@@ -181,10 +168,12 @@ def test_generate_writes_an_audited_synthetic_slice_set(workspace, toy_store):
     assert (t["patient_id"] == -1).all() and (t["fold"] == -1).all()
     assert t["instance"].tolist() == list(range(12))
     assert t["near_copy"].dtype == bool and t["nn_similarity"].between(-1, 1).all()
-    gid = syn.meta["generator_id"]
+    gid = synthetic.generator_id
     assert gid.startswith("liver-gan-") and len(gid) == len("liver-gan-") + 8 and (t["generator_id"] == gid).all()
-    assert syn.meta["split_hash"] == toy_store.meta["split_hash"]
-    assert syn.meta["window"] == [level, width] and syn.meta["image_size"] == 16
+    assert synthetic.split_hash == toy_store.meta["split_hash"] and synthetic.organ == "liver"
+    assert synthetic.window == [level, width] and synthetic.windows == [[level, width]]
+    assert synthetic.image_size == 16 and synthetic.mode == "image" and synthetic.backend == "gan"
+    assert synthetic.class_names == ["healthy", "injured"] and len(synthetic.train_patients_hash) == 64
 
     report = json.loads((out / "audit.json").read_text())
     assert report["generator_id"] == gid and "near-copies" in report["summary"]
@@ -217,9 +206,9 @@ def test_grade_conditioning_makes_healthy_low_high_classes(tmp_path, toy_store):
     store.table.loc[high, "kidney"] = 2
     store.save(ws.store_dir)
     cfg = tiny_config(conditioning="grade", n=9)
-    syn = SliceSet.load(generate(ws, cfg, "kidney"))
-    assert syn.table["kidney"].tolist() == [0] * 3 + [1] * 3 + [2] * 3
-    assert syn.meta["classes"] == ["healthy", "low", "high"]
+    syn = SyntheticSet.load(generate(ws, cfg, "kidney"))
+    assert syn.slices.table["kidney"].tolist() == [0] * 3 + [1] * 3 + [2] * 3
+    assert syn.class_names == ["healthy", "low", "high"]
     # Binary organs ignore grade conditioning; too few slices of a class is named with the counts.
     store.table.loc[store.table["patient_id"] == 1000, "liver"] = 2
     store.table.loc[store.table["patient_id"] != 1000, "liver"] = store.table["liver"].clip(upper=1)
@@ -246,7 +235,7 @@ def test_generate_all_reports_an_organ_without_positives_and_continues(tmp_path,
 @pytest.fixture
 def tiny_yaml(tmp_path) -> Path:
     cfg = yaml.safe_load((CONFIG_DIR / "demo.yaml").read_text())
-    cfg["gen"].update(TINY)
+    cfg["gen"] = merged(cfg["gen"], TINY)
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path

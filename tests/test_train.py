@@ -13,8 +13,9 @@ from sklearn.metrics import roc_auc_score
 from typer.testing import CliRunner
 
 from eval.runs import load_run
+from toolkit.artifacts.synthetic import SyntheticSet
 from toolkit.config import Config, load_config
-from toolkit.errors import ToolkitError
+from toolkit.errors import ContractError, ToolkitError
 from toolkit.sliceset import SliceSet
 from toolkit.workspace import Workspace
 from train.balancer import REAL, SYNTHETIC
@@ -37,16 +38,20 @@ def tiny_config(**train: object) -> Config:
     return load_config("default", {"data": {"windows": [[40, 400]]}, "train": values})
 
 
-def write_pool(ws: Workspace, organ: str, split_hash: str = "toy-split") -> SliceSet:
-    """A synthetic pool by the gen contract (48 px: a different size from the store)."""
-    s = make_toy_slice_set(n_patients=12, slices_per_patient=4, size=48, seed=1)
-    table = s.table.copy()
-    near = np.arange(len(table)) % 5 == 0
-    table["source"], table["split"], table["fold"] = "synthetic", "synthetic", -1
-    table["near_copy"], table["generator_id"] = near, "toy-gan-1"
+def write_pool(
+    ws: Workspace, organ: str, split_hash: str = "toy-split", size: int = 48, window: list[float] | None = None
+) -> SyntheticSet:
+    """A synthetic set written by the gen writer (48 px: another size than the classifier's 32 px)."""
+    s = make_toy_slice_set(n_patients=12, slices_per_patient=4, size=size, seed=1)
+    near = np.arange(len(s)) % 5 == 0
     images = s.images.copy()
     images[near] = NEAR_COPY_HU
-    pool = SliceSet(images, table, {"split_hash": split_hash, "generator_id": "toy-gan-1"})
+    window = window or [40.0, 400.0]
+    pool = SyntheticSet.from_samples(
+        images, s.table[organ].to_numpy(), near, np.zeros(len(s)), organ=organ, generator_id="toy-gan-1",
+        backend="gan", window=window, windows=[window], class_names=["healthy", "low", "high"],
+        split_hash=split_hash, train_patients_hash="toy-patients",
+    )
     pool.save(ws.synthetic_dir(organ), force=True)
     (ws.synthetic_dir(organ) / "audit.json").write_text(json.dumps({"near_copies": int(near.sum())}))
     return pool
@@ -94,7 +99,7 @@ def real_only(ws: Workspace) -> tuple[Path, Recorder]:
 @pytest.fixture(scope="module")
 def synthetic_half(ws: Workspace) -> tuple[Path, Recorder]:
     rec = Recorder()
-    return train_run(ws, tiny_config(synthetic_ratio=0.5), organs=[ORGAN], hooks=rec), rec
+    return train_run(ws, tiny_config(synthetic_ratio=0.5, synthetic_resize=True), organs=[ORGAN], hooks=rec), rec
 
 
 def test_run_folder_follows_the_output_contract(ws: Workspace, real_only) -> None:
@@ -194,6 +199,37 @@ def test_synthetic_share_balance_and_isolation(ws: Workspace, real_only, synthet
     generators = json.loads((run_dir / "run.json").read_text())["generators"]
     assert generators[ORGAN]["generator_id"] == "toy-gan-1"
     assert generators[ORGAN]["audit"] == {"near_copies": 10}
+    assert generators[ORGAN]["resized"] == {"from": 48, "to": 32}  # train.synthetic_resize, recorded
+
+
+def test_synthetic_set_of_another_window_or_size_is_refused_in_one_line(ws: Workspace, tmp_path: Path) -> None:
+    other = Workspace(tmp_path / "other")
+    SliceSet.load(ws.store_dir).save(other.store_dir)
+    folder = other.synthetic_dir(ORGAN)
+    write_pool(other, ORGAN)  # 48 px, classifier at 32 px
+    with pytest.raises(ContractError) as size:
+        train_run(other, tiny_config(synthetic_ratio=0.5), organs=[ORGAN])
+    assert str(size.value) == (
+        f"synthetic set {folder} was made at 48 px (gen.image_size) but this run's liver classifier trains at "
+        "32 px: re-run `toolkit gen --organ liver --force` --image-size 32, or set train.synthetic_resize=true "
+        "to resize it"
+    )
+    write_pool(other, ORGAN, size=32, window=[60.0, 200.0])  # right size, another window: always refused
+    for resize in (False, True):
+        with pytest.raises(ContractError) as window:
+            train_run(other, tiny_config(synthetic_ratio=0.5, synthetic_resize=resize), organs=[ORGAN])
+        message = str(window.value)
+        assert "\n" not in message and str(folder) in message
+        assert "made with data.windows [[60, 200]] but this run uses [[40, 400]]" in message
+        assert "re-run `toolkit gen --organ liver --force`" in message
+    assert not other.run_dir("synthetic-0.5").exists()
+    # A folder of an earlier gen, without the record of how it was made, is refused too.
+    SliceSet(np.zeros((2, 32, 32), np.int16), SliceSet.load(folder).table.iloc[:2], {"split_hash": "toy-split"}).save(
+        folder, force=True
+    )
+    with pytest.raises(ContractError, match=r"meta.json does not record how the synthetic set was made .* re-run "
+                                            r"`toolkit gen --organ liver --force`"):
+        train_run(other, tiny_config(synthetic_ratio=0.5), organs=[ORGAN])
 
 
 def _predictions(run_dir: Path) -> pd.DataFrame:

@@ -26,7 +26,7 @@ import typing
 from collections.abc import Callable, Mapping
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
@@ -124,27 +124,18 @@ class DataConfig:
 
 
 @dataclass
-class GenConfig:
-    """``toolkit gen``: per-organ class-conditional generators."""
+class DiffusionGenConfig:
+    """``gen.diffusion``: the class-conditional DDPM (``gen/diffusion.py``)."""
 
-    # Choices here mirror the registries (gen.registry, gen.sampling, train.inference; a test keeps them
-    # equal) so that a typo stops every command at load time without importing torch.
-    model: str = setting("diffusion", choices=("diffusion", "gan"))
-    image_size: int = setting(128, ge=8)
-    # binary (healthy/injured) | grade (healthy/low/high where defined)
-    conditioning: str = setting("binary", choices=("binary", "grade"))
-    train_steps: int = setting(20000, ge=1)
-    batch_size: int = setting(32, ge=1)
-    lr: float = setting(1e-4, gt=0.0)
-    mixed_precision: str = setting("no", choices=("no", "fp16", "bf16"))  # accelerate
-    checkpoint_every: int = setting(1000, ge=1)
-    # diffusion
+    lr: float = setting(1e-4, gt=0.0)  # AdamW
     unet_channels: list[int] = setting(factory=lambda: [64, 128, 256, 256], ge=1, min_len=2)
     layers_per_block: int = setting(2, ge=1)
     num_train_timesteps: int = setting(1000, ge=1)
-    ema_decay: float = setting(0.999, ge=0.0, lt=1.0)
+    ema_decay: float = setting(0.999, ge=0.0, lt=1.0)  # EMA of the UNet weights, which sampling uses
     label_dropout: float = setting(0.1, ge=0.0, lt=1.0)  # classifier-free guidance
     guidance_scale: float = setting(2.0, ge=0.0)
+    # Choices here mirror the registries (gen.registry, gen.sampling, train.inference; a test keeps them
+    # equal) so that a typo stops every command at load time without importing torch.
     sampler: str = setting("dpm", choices=("dpm", "ddim", "ddpm"))
     sample_steps: int = setting(20, ge=1)  # dpm/ddim steps; ddpm always uses num_train_timesteps
     # DDPMScheduler noise schedule
@@ -153,16 +144,54 @@ class GenConfig:
     # short runs got each slice's overall brightness wrong (grey air): at the noisiest steps x0 is
     # recovered as (x - sqrt(1-a) eps) / sqrt(a), which multiplies small noise errors ~150x.
     prediction_type: str = setting("v_prediction", choices=("epsilon", "v_prediction"))
-    # gan
+
+
+@dataclass
+class GANGenConfig:
+    """``gen.gan``: the conditional GAN (``gen/gan.py``)."""
+
+    lr: float = setting(2e-4, gt=0.0)  # Adam, both networks
     z_dim: int = setting(128, ge=1)
     ngf: int = setting(64, ge=1)
     ndf: int = setting(64, ge=1)
-    gan_lr: float = setting(2e-4, gt=0.0)
-    gan_ema: bool = True  # sample from an EMA of the generator weights (decay ema_decay)
+    ema: bool = True  # sample from an EMA of the generator weights
+    ema_decay: float = setting(0.999, ge=0.0, lt=1.0)
+
+
+@dataclass
+class GenConfig:
+    """``toolkit gen``: per-organ class-conditional generators.
+
+    Settings every backend reads sit here; each backend's own sit in its section
+    (``gen.diffusion``, ``gen.gan``), and only the active backend's (``gen.model``)
+    enter the generator id.
+    """
+
+    # diffusion | gan: the backend, whose section below applies
+    model: str = setting("diffusion", choices=("diffusion", "gan"))
+    image_size: int = setting(128, ge=8)
+    # binary (healthy/injured) | grade (healthy/low/high where defined)
+    conditioning: str = setting("binary", choices=("binary", "grade"))
+    train_steps: int = setting(20000, ge=1)
+    batch_size: int = setting(32, ge=1)
+    mixed_precision: str = setting("no", choices=("no", "fp16", "bf16"))  # accelerate
+    checkpoint_every: int = setting(1000, ge=1)
+    diffusion: DiffusionGenConfig = field(default_factory=DiffusionGenConfig)
+    gan: GANGenConfig = field(default_factory=GANGenConfig)
     # outputs and audit
     n: int = setting(2000, ge=1)  # synthetic slices written, split evenly over classes
     near_copy_threshold: float = setting(0.95, ge=0.0, le=1.0)  # cosine similarity to the nearest training slice
     audit_feature_epochs: int = setting(3, ge=1)
+
+    # Keys of the flat gen section of earlier versions -> where they live now (named in the error).
+    moved_keys: ClassVar[dict[str, str]] = {
+        **{k: f"diffusion.{k}" for k in (
+            "lr", "unet_channels", "layers_per_block", "num_train_timesteps", "label_dropout", "guidance_scale",
+            "sampler", "sample_steps", "beta_schedule", "prediction_type",
+        )},
+        "ema_decay": "diffusion.ema_decay' and 'gen.gan.ema_decay",
+        "z_dim": "gan.z_dim", "ngf": "gan.ngf", "ndf": "gan.ndf", "gan_lr": "gan.lr", "gan_ema": "gan.ema",
+    }
 
 
 @dataclass
@@ -186,6 +215,9 @@ class TrainConfig:
     # baseline with the same epoch_size, i.e. the same number of optimizer steps); see train/balancer.py.
     synthetic_ratio: float = setting(0.0, ge=0.0, le=1.0)
     synthetic_max_repeat: int = setting(4, ge=1)  # most times one synthetic slice may appear in one epoch
+    # Upsample a synthetic set generated at another size than train.image_size (else refused); the run
+    # records it. A set made with another HU window is always refused.
+    synthetic_resize: bool = False
     # Share of real healthy samples drawn from the series levels where the injured slices are
     # (hard negatives that show the organ); the rest uniform. See train/balancer.py.
     matched_negatives: float = setting(0.5, ge=0.0, le=1.0)
@@ -339,6 +371,8 @@ def _hints(cls: type) -> dict[str, Any]:
 def _check_field(f: dataclasses.Field, kind: Any, value: Any, key: str) -> Any:
     """Coerce ``value`` to the field's type and check the field's rules; return the coerced value."""
     rules = f.metadata
+    if dataclasses.is_dataclass(kind):  # a sub-section (gen.diffusion, gen.gan): its own fields' rules
+        return check_section(value, key)
     if rules.get("organ_overrides"):
         return _check_organ_overrides(value, key, rules)
     origin, args = typing.get_origin(kind), typing.get_args(kind)
@@ -513,6 +547,8 @@ def _merge(obj: Any, values: Any, where: str) -> Any:
     known = {f.name for f in fields(obj)}
     changes = {}
     for key, value in values.items():
+        if key not in known and key in getattr(obj, "moved_keys", {}):
+            raise ToolkitError(f"config key '{where}{key}' is now '{where}{obj.moved_keys[key]}'; move it there")
         if key not in known:
             raise ConfigError(f"unknown config key '{where}{key}'; valid keys: {', '.join(sorted(known))}")
         current = getattr(obj, key)

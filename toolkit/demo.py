@@ -18,7 +18,7 @@ from typing import Annotated
 import typer
 
 from toolkit import ORGANS
-from toolkit.cli_common import ConfigOpt, SeedOpt, SetOpt, WorkdirOpt, console, handle_errors, setup
+from toolkit.cli_common import ConfigOpt, ConsoleReporter, SeedOpt, SetOpt, WorkdirOpt, console, handle_errors, setup
 from toolkit.config import Config
 from toolkit.workspace import Workspace
 
@@ -74,7 +74,7 @@ def run_demo(ws: Workspace, cfg: Config, synthetic_ratio: float = 0.5) -> Path:
             console.print(f"synthetic {organ} already in {ws.synthetic_dir(organ)}; kept")
             continue
         resume = (ws.synthetic_dir(organ) / "checkpoint").exists()
-        generate(ws, cfg, organ, resume=resume)
+        generate(ws, cfg, organ, resume=resume, reporter=ConsoleReporter())
     done("3/5 gen")
 
     names = {"real-only": 0.0, f"synthetic-{synthetic_ratio:g}": synthetic_ratio}

@@ -45,8 +45,10 @@ import torch
 import yaml
 
 from toolkit import ORGANS
+from toolkit.artifacts.synthetic import SyntheticSet
 from toolkit.config import Config, organ_config, save_config, validate
 from toolkit.errors import ToolkitError
+from toolkit.reporting import Reporter, as_reporter
 from toolkit.sliceset import MANIFEST_FILE, SliceSet
 from toolkit.workspace import Workspace
 from train.balancer import REAL, Balancer, series_position
@@ -118,37 +120,44 @@ class SyntheticPool:
     info: dict[str, Any]  # generator_id, synthetic_dir, audit (run.json "generators")
 
 
-def load_synthetic_pool(ws: Workspace, organ: str, split_hash: str | None, image_size: int) -> SyntheticPool:
-    """Read ``synthetic/<organ>/``, refusing a pool generated against another split."""
+def load_synthetic_pool(
+    ws: Workspace,
+    organ: str,
+    split_hash: str | None,
+    image_size: int,
+    windows: list[list[float]],
+    allow_resize: bool = False,
+    reporter: Reporter | None = None,
+) -> SyntheticPool:
+    """Read ``synthetic/<organ>/`` and refuse a set made for another split, window or (unless
+    ``allow_resize``, i.e. ``train.synthetic_resize``) image size; see ``SyntheticSet.check_compatible``."""
     directory = ws.synthetic_dir(organ)
     if not (directory / MANIFEST_FILE).exists():
         raise ToolkitError(
             f"no synthetic slices for {organ} in {directory}: run `toolkit gen --organ {organ}` "
             "or pass --synthetic-ratio 0"
         )
-    pool = SliceSet.load(directory)
-    pool_hash = pool.meta.get("split_hash")
-    if split_hash is None or pool_hash != split_hash:
-        raise ToolkitError(
-            f"synthetic pool {directory} was made for split {pool_hash} but the store's split is {split_hash}: "
-            f"re-run `toolkit gen --organ {organ} --force`"
-        )
-    for column in (organ, "near_copy"):
-        if column not in pool.table.columns:
-            raise ToolkitError(
-                f"{directory / MANIFEST_FILE} lacks column '{column}'; re-run `toolkit gen --organ {organ}`"
-            )
-    near = pool.table["near_copy"].astype(str).str.lower().isin(["true", "1"]).to_numpy()
+    synthetic = SyntheticSet.load(directory)
+    resize = synthetic.check_compatible(
+        organ=organ, split_hash=split_hash, windows=windows, image_size=image_size, allow_resize=allow_resize
+    )
+    near = synthetic.near_copy
     keep = np.flatnonzero(~near)
     audit_path = directory / "audit.json"
     info = {
-        "generator_id": pool.meta.get("generator_id"),
+        "generator_id": synthetic.generator_id,
         "synthetic_dir": str(directory),
         "audit": json.loads(audit_path.read_text()) if audit_path.exists() else None,
     }
+    if resize:
+        info["resized"] = {"from": int(synthetic.image_size), "to": int(image_size)}
+        as_reporter(reporter).warn(
+            f"{organ}: synthetic slices made at {synthetic.image_size} px are resized to {image_size} px "
+            "for training (train.synthetic_resize)"
+        )
     return SyntheticPool(
-        images=resize_hu(pool.images, image_size, keep),
-        labels=(pool.table[organ].to_numpy()[keep] > 0).astype(np.int64),
+        images=resize_hu(synthetic.slices.images, image_size, keep),
+        labels=(synthetic.classes[keep] > 0).astype(np.int64),
         near_copy_fraction=float(near.mean()) if len(near) else 0.0,
         info=info,
     )
@@ -275,7 +284,13 @@ def train_run(
     organ_cfgs = {o: organ_config(cfg, o) for o in organs}
     pools: dict[str, SyntheticPool] = {}
     if tc.synthetic_ratio > 0:
-        pools = {o: load_synthetic_pool(ws, o, split_hash, organ_cfgs[o].train.image_size) for o in organs}
+        pools = {
+            o: load_synthetic_pool(
+                ws, o, split_hash, organ_cfgs[o].train.image_size, cfg.data.windows,
+                allow_resize=organ_cfgs[o].train.synthetic_resize,
+            )
+            for o in organs
+        }
 
     run_dir = ws.run_dir(name)
     previous_organs = _open_run_dir(run_dir, cfg, resume, force, main)
