@@ -76,14 +76,15 @@ def test_exponent_without_dot_in_a_yaml_file_is_a_float_and_a_generator_trains_w
     path = tmp_path / "mine.yaml"
     # YAML 1.1 reads 1e-4 and 2e-4 (no dot) as text; `no` as false.
     path.write_text(
-        f"gen:\n  model: {model}\n  lr: 1e-4\n  gan_lr: 2e-4\n  mixed_precision: no\n  image_size: 16\n"
-        "  train_steps: 3\n  batch_size: 8\n  ngf: 8\n  ndf: 8\n  z_dim: 8\n  unet_channels: [8, 16]\n"
-        "  layers_per_block: 1\n  num_train_timesteps: 50\n  sample_steps: 2\n"
+        f"gen:\n  model: {model}\n  mixed_precision: no\n  image_size: 16\n  train_steps: 3\n  batch_size: 8\n"
+        "  diffusion:\n    lr: 1e-4\n    unet_channels: [8, 16]\n    layers_per_block: 1\n"
+        "    num_train_timesteps: 50\n    sample_steps: 2\n"
+        "  gan:\n    lr: 2e-4\n    ngf: 8\n    ndf: 8\n    z_dim: 8\n"
     )
-    assert yaml.safe_load(path.read_text())["gen"]["lr"] == "1e-4"  # the quirk this guards against
+    assert yaml.safe_load(path.read_text())["gen"]["diffusion"]["lr"] == "1e-4"  # the quirk this guards against
     cfg = load_config(path)
-    assert cfg.gen.lr == 1e-4 and isinstance(cfg.gen.lr, float)
-    assert cfg.gen.gan_lr == 2e-4 and isinstance(cfg.gen.gan_lr, float)
+    assert cfg.gen.diffusion.lr == 1e-4 and isinstance(cfg.gen.diffusion.lr, float)
+    assert cfg.gen.gan.lr == 2e-4 and isinstance(cfg.gen.gan.lr, float)
     assert cfg.gen.mixed_precision == "no"
 
     store = make_toy_slice_set(n_patients=8, slices_per_patient=4, size=32)
@@ -114,10 +115,10 @@ def test_set_values_are_typed_by_the_field():
         ("data.folds=1", "data.folds"),
         ("data.windows=[[40, 0]]", "data.windows[0]"),
         ("data.crop_body=maybe", "data.crop_body"),
-        ("gen.lr=fast", "gen.lr"),
-        ("gen.sampler=euler", "gen.sampler"),
-        ("gen.unet_channels=[8]", "gen.unet_channels"),
-        ("gen.ema_decay=1", "gen.ema_decay"),
+        ("gen.diffusion.lr=fast", "gen.diffusion.lr"),
+        ("gen.diffusion.sampler=euler", "gen.diffusion.sampler"),
+        ("gen.diffusion.unet_channels=[8]", "gen.diffusion.unet_channels"),
+        ("gen.gan.ema_decay=1", "gen.gan.ema_decay"),
         ("train.epoch_size=33", "train.epoch_size"),
         ("train.select_on=auc", "train.select_on"),
         ("train.batch_size=2.5", "train.batch_size"),
@@ -192,7 +193,8 @@ def test_choices_match_the_registries_they_name():
 
     rules = {f.name: f.metadata for f in dataclasses.fields(Config().gen)}
     assert set(rules["model"]["choices"]) == set(list_generators())
-    assert set(rules["sampler"]["choices"]) == set(SAMPLERS)
+    diffusion_rules = {f.name: f.metadata for f in dataclasses.fields(Config().gen.diffusion)}
+    assert set(diffusion_rules["sampler"]["choices"]) == set(SAMPLERS)
     train_rules = {f.name: f.metadata for f in dataclasses.fields(TrainConfig)}
     assert set(train_rules["aggregate"]["choices"]) == set(AGGREGATES)
 

@@ -176,8 +176,8 @@ class GenConfig:
     batch_size: int = setting(32, ge=1)
     mixed_precision: str = setting("no", choices=("no", "fp16", "bf16"))  # accelerate
     checkpoint_every: int = setting(1000, ge=1)
-    diffusion: DiffusionGenConfig = field(default_factory=DiffusionGenConfig)
-    gan: GANGenConfig = field(default_factory=GANGenConfig)
+    diffusion: DiffusionGenConfig = setting(factory=DiffusionGenConfig)
+    gan: GANGenConfig = setting(factory=GANGenConfig)
     # outputs and audit
     n: int = setting(2000, ge=1)  # synthetic slices written, split evenly over classes
     near_copy_threshold: float = setting(0.95, ge=0.0, le=1.0)  # cosine similarity to the nearest training slice
@@ -548,7 +548,7 @@ def _merge(obj: Any, values: Any, where: str) -> Any:
     changes = {}
     for key, value in values.items():
         if key not in known and key in getattr(obj, "moved_keys", {}):
-            raise ToolkitError(f"config key '{where}{key}' is now '{where}{obj.moved_keys[key]}'; move it there")
+            raise ConfigError(f"config key '{where}{key}' is now '{where}{obj.moved_keys[key]}'; move it there")
         if key not in known:
             raise ConfigError(f"unknown config key '{where}{key}'; valid keys: {', '.join(sorted(known))}")
         current = getattr(obj, key)
