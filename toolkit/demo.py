@@ -10,7 +10,6 @@ interrupted, so re-running the command after Ctrl-C continues where it stopped.
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 from typing import Annotated
@@ -18,6 +17,7 @@ from typing import Annotated
 import typer
 
 from toolkit import ORGANS
+from toolkit.artifacts.run import RunFolder
 from toolkit.cli_common import ConfigOpt, SeedOpt, SetOpt, WorkdirOpt, console, handle_errors, setup
 from toolkit.config import Config
 from toolkit.workspace import Workspace
@@ -25,16 +25,6 @@ from toolkit.workspace import Workspace
 
 def register(app: typer.Typer) -> None:
     app.command("demo")(demo)
-
-
-def _run_state(run_dir: Path) -> str:
-    """'missing', 'partial' or 'complete' for a classifier run folder."""
-    meta = run_dir / "run.json"
-    if not run_dir.exists():
-        return "missing"
-    if meta.exists() and json.loads(meta.read_text()).get("complete"):
-        return "complete"
-    return "partial"
 
 
 def run_demo(ws: Workspace, cfg: Config, synthetic_ratio: float = 0.5) -> Path:
@@ -82,7 +72,7 @@ def run_demo(ws: Workspace, cfg: Config, synthetic_ratio: float = 0.5) -> Path:
         label = f"4/5 train {name}" if i == 0 else f"4/5 train {name} "
         stage(label)
         run_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, synthetic_ratio=ratio))
-        state = _run_state(ws.run_dir(name))
+        state = RunFolder(ws.run_dir(name)).state()
         if state == "complete":
             console.print(f"run {name} already complete; kept")
         else:
