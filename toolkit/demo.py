@@ -29,7 +29,7 @@ def register(app: typer.Typer) -> None:
 
 def run_demo(ws: Workspace, cfg: Config, synthetic_ratio: float = 0.5) -> Path:
     """Run every stage that has no output yet; return the report folder."""
-    from eval.compare import compare_runs
+    from eval.compare import compare_runs, report_dir
     from gen.run import generate
     from toolkit.data.phantom import write_phantom
     from toolkit.data.prepare import prepare_store, summarize_store
@@ -80,14 +80,14 @@ def run_demo(ws: Workspace, cfg: Config, synthetic_ratio: float = 0.5) -> Path:
         done(label)
 
     stage("5/5 compare")
-    report = compare_runs(ws, cfg, runs=list(names), out_name="demo", force=True)
+    compare_runs(ws, cfg, runs=list(names), out_name="demo", force=True)
     done("5/5 compare")
 
     console.rule("[bold]done")
     for name, seconds in timings.items():
         console.print(f"{name.strip():<28} {seconds:7.1f} s")
     console.print(f"total {sum(timings.values()):.0f} s")
-    return report
+    return report_dir(ws, "demo")
 
 
 @handle_errors
