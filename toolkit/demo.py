@@ -18,7 +18,16 @@ import typer
 
 from toolkit import ORGANS
 from toolkit.artifacts.run import RunFolder
-from toolkit.cli_common import ConfigOpt, SeedOpt, SetOpt, WorkdirOpt, console, handle_errors, setup
+from toolkit.cli_common import (
+    ConfigOpt,
+    ConsoleReporter,
+    SeedOpt,
+    SetOpt,
+    WorkdirOpt,
+    console,
+    handle_errors,
+    setup,
+)
 from toolkit.config import Config
 from toolkit.workspace import Workspace
 
@@ -76,7 +85,7 @@ def run_demo(ws: Workspace, cfg: Config, synthetic_ratio: float = 0.5) -> Path:
         if state == "complete":
             console.print(f"run {name} already complete; kept")
         else:
-            train_run(ws, run_cfg, name=name, resume=state == "partial")
+            train_run(ws, run_cfg, name=name, resume=state == "partial", reporter=ConsoleReporter())
         done(label)
 
     stage("5/5 compare")
