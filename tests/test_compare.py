@@ -16,8 +16,7 @@ from typer.testing import CliRunner
 
 from eval.compare import IMPROVED, NO_EVIDENCE, WORSE, compare_runs, report_dir, verdict
 from toolkit import GRADED_ORGANS, ORGANS
-from toolkit.artifacts.comparison import REPORT_JSON, Comparison
-from toolkit.artifacts.comparison import _clean as clean_json
+from toolkit.artifacts.comparison import REPORT_JSON, Comparison, json_safe
 from toolkit.artifacts.run import OrganSettings, RunFolder, RunInfo
 from toolkit.cli import app
 from toolkit.config import Config, EvalConfig, TrainConfig, load_config, save_config
@@ -164,8 +163,8 @@ def test_compare_writes_reports_and_verdicts(tmp_path):
         assert (out / f).exists(), f
     result = json.loads((out / "report.json").read_text())
     # report.json is the returned comparison (NaN written as null), and reads back to it.
-    assert result == clean_json(comparison.to_dict())
-    assert clean_json(Comparison.read_json(out / REPORT_JSON).to_dict()) == result
+    assert result == json_safe(comparison.to_dict())
+    assert json_safe(Comparison.read_json(out / REPORT_JSON).to_dict()) == result
     assert comparison.organs["kidney"].settings.image_size == 128
     assert comparison.organs["liver"].patient.runs["synthetic-0.5"].vs_baseline.verdict == IMPROVED
     for organ in ORGANS:

@@ -41,16 +41,16 @@ def _nums(xs: list[Any]) -> list[float]:
     return [_num(x) for x in xs]
 
 
-def _clean(obj: Any) -> Any:
+def json_safe(obj: Any) -> Any:
     """NaN/inf -> None, numpy scalars -> Python, so the JSON is standard."""
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
+        return {str(k): json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
+        return [json_safe(v) for v in obj]
     if hasattr(obj, "item") and not isinstance(obj, (str, bytes)):
-        return _clean(obj.item())
+        return json_safe(obj.item())
     return obj
 
 
@@ -294,7 +294,7 @@ class Comparison:
 
     def write_json(self, path: Path) -> Path:
         """``report.json``: standard JSON (NaN -> null)."""
-        Path(path).write_text(json.dumps(_clean(self.to_dict()), indent=2))
+        Path(path).write_text(json.dumps(json_safe(self.to_dict()), indent=2))
         return Path(path)
 
     @classmethod
