@@ -69,24 +69,24 @@ def compare(
     ("improved" / "worse" only when the CI excludes 0 and p < alpha). Writes reports/<name>/report.md,
     report.html (self-contained), report.json and plots. Refuses runs trained on different splits.
     """
-    from eval.compare import compare_runs
+    from eval.compare import compare_runs, report_dir
     from eval.report import summary_table
+    from toolkit.artifacts.comparison import REPORT_HTML, REPORT_JSON, REPORT_MD
 
     ws, cfg = setup(workdir, config, sets, {"eval": {"baseline": baseline, "bootstrap": bootstrap}}, seed)
     with make_progress() as progress:
-        out = compare_runs(ws, cfg, runs, name, force=force, allow_mismatch=allow_mismatch, progress=progress)
-    result = json.loads((out / "report.json").read_text())
-    for note in result["notes"]:
+        result = compare_runs(ws, cfg, runs, name, force=force, allow_mismatch=allow_mismatch, progress=progress)
+    for note in result.notes:
         console.print(f"[yellow]note:[/] {note}")
-    for organ, res in result["organs"].items():
-        if res["note"]:
-            console.print(f"[yellow]note:[/] {organ}: {res['note']}")
-    if result["settings_mismatch"]:
+    for organ, res in result.organs.items():
+        if res.note:
+            console.print(f"[yellow]note:[/] {organ}: {res.note}")
+    if result.settings_mismatch:
         console.print(
-            "[bold red]WARNING: runs differ in " + ", ".join(result["settings_mismatch"]) + "; see the report[/]"
+            "[bold red]WARNING: runs differ in " + ", ".join(result.settings_mismatch) + "; see the report[/]"
         )
     console.print(summary_table(result))
-    console.print(f"report: {out / 'report.html'} (also report.md, report.json)")
+    console.print(f"report: {report_dir(ws, name) / REPORT_HTML} (also {REPORT_MD}, {REPORT_JSON})")
 
 
 @handle_errors

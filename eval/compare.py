@@ -29,6 +29,24 @@ import pandas as pd
 from eval import metrics
 from eval.runs import Run, list_runs, load_run, settings_mismatch
 from toolkit import ORGANS
+from toolkit.artifacts.comparison import (
+    REPORT_HTML,
+    REPORT_JSON,
+    REPORT_MD,
+    AUCInterval,
+    Comparison,
+    Delta,
+    EvalSettings,
+    GeneratorRecord,
+    LevelComparison,
+    LogLoss,
+    OperatingPoint,
+    OrganComparison,
+    Roc,
+    RunRecord,
+    RunScores,
+)
+from toolkit.artifacts.run import RunFolder
 from toolkit.config import Config, save_config
 from toolkit.errors import ToolkitError
 from toolkit.workspace import Workspace
@@ -66,13 +84,13 @@ class LevelScores:
 
 
 def _fmt_hashes(runs: list[Run]) -> str:
-    return ", ".join(f"{r.name}={r.meta.get('split_hash')}" for r in runs)
+    return ", ".join(f"{r.name}={r.info.split_hash}" for r in runs)
 
 
 def select_runs(ws: Workspace, baseline: str, runs: list[str] | None) -> tuple[list[Run], list[str]]:
     """The baseline first, then the other runs; returns (runs, notes about skipped runs)."""
     notes: list[str] = []
-    if not (ws.run_dir(baseline) / "run.json").exists():
+    if not RunFolder(ws.run_dir(baseline)).exists:
         raise ToolkitError(
             f"baseline run '{baseline}' not found in {ws.runs_dir}; create it with "
             f"`toolkit train --synthetic-ratio 0 --name {baseline}` (or pass --baseline NAME)"
@@ -101,7 +119,7 @@ def select_runs(ws: Workspace, baseline: str, runs: list[str] | None) -> tuple[l
 
 def check_comparable(runs: list[Run], allow_mismatch: bool = False) -> dict[str, dict[str, Any]]:
     """Refuse runs on different splits; refuse (or with ``allow_mismatch``, return) differing settings."""
-    hashes = {r.meta.get("split_hash") for r in runs}
+    hashes = {r.info.split_hash for r in runs}
     if len(hashes) > 1 or None in hashes:
         raise ToolkitError(
             f"runs were trained on different patient splits (split_hash {_fmt_hashes(runs)}); "
@@ -175,7 +193,7 @@ def score_level(
     cfg: Config,
     seed: int,
     on_run: Callable[[str], None] | None = None,
-) -> dict[str, Any]:
+) -> LevelComparison:
     """Every figure of one organ at one level, for every run (baseline first).
 
     ``on_run(name)`` is called after each run is scored (progress reporting).
@@ -185,47 +203,44 @@ def score_level(
     groups = None if level == "patient" else base.groups
     y = base.y
     reason = metrics.undefined_auc_reason(y)
-    runs_out: dict[str, Any] = {}
+    runs_out: dict[str, RunScores] = {}
     for name, sc in scores.items():
         ci = metrics.bootstrap_auc_ci(y, sc.prob, groups, ev.bootstrap, ev.ci, seed)
         _, var = metrics.delong_roc_variance(y, sc.prob)
         finite_folds = [a for a in sc.fold_aucs if np.isfinite(a)]
         fpr, tpr, _ = metrics.roc_curve(y, sc.prob)
-        entry: dict[str, Any] = {
-            "auc": ci.to_dict(),
-            "auc_reason": reason,
-            "delong_se": float(np.sqrt(var)) if np.isfinite(var) else float("nan"),
-            "fold_aucs": [float(a) for a in sc.fold_aucs],
-            "mean_fold_auc": float(np.mean(finite_folds)) if finite_folds else float("nan"),
-            "full_sensitivity": metrics.operating_point_full_sensitivity(y, sc.prob).to_dict(),
-            "youden": metrics.youden_point(y, sc.prob).to_dict(),
-            "roc": {"fpr": fpr.tolist(), "tpr": tpr.tolist()},
-        }
+        entry = RunScores(
+            auc=AUCInterval(**ci.to_dict()),
+            auc_reason=reason,
+            delong_se=float(np.sqrt(var)) if np.isfinite(var) else float("nan"),
+            fold_aucs=[float(a) for a in sc.fold_aucs],
+            mean_fold_auc=float(np.mean(finite_folds)) if finite_folds else float("nan"),
+            full_sensitivity=OperatingPoint(**metrics.operating_point_full_sensitivity(y, sc.prob).to_dict()),
+            youden=OperatingPoint(**metrics.youden_point(y, sc.prob).to_dict()),
+            roc=Roc(fpr.tolist(), tpr.tolist()),
+        )
         if name != baseline:
             test = metrics.delong_paired_test(y, base.prob, sc.prob)
             dci = metrics.bootstrap_auc_delta_ci(y, base.prob, sc.prob, groups, ev.bootstrap, ev.ci, seed)
-            entry["vs_baseline"] = {
-                "delta": test.delta,
-                "ci_low": dci.low,
-                "ci_high": dci.high,
-                "se": test.se,
-                "z": test.z,
-                "p": test.p,
-                "n_valid_boot": dci.n_valid,
-                "verdict": verdict(dci.low, dci.high, test.p, ev.alpha),
-            }
+            entry.vs_baseline = Delta(
+                delta=test.delta,
+                ci_low=dci.low,
+                ci_high=dci.high,
+                se=test.se,
+                z=test.z,
+                p=test.p,
+                n_valid_boot=dci.n_valid,
+                verdict=verdict(dci.low, dci.high, test.p, ev.alpha),
+            )
         runs_out[name] = entry
         if on_run is not None:
             on_run(name)
-    return {
-        "n": int(len(y)),
-        "n_positive": int(y.sum()),
-        "n_patients": int(len(np.unique(base.groups))),
-        "runs": runs_out,
-    }
+    return LevelComparison(
+        n=int(len(y)), n_positive=int(y.sum()), n_patients=int(len(np.unique(base.groups))), runs=runs_out
+    )
 
 
-def rsna_scores(runs: list[Run], organs: list[str]) -> dict[str, dict[str, Any]]:
+def rsna_scores(runs: list[Run], organs: list[str]) -> dict[str, LogLoss]:
     """RSNA weighted log loss per run on the patients every compared organ was tested on."""
     out = {}
     for run in runs:
@@ -240,8 +255,13 @@ def rsna_scores(runs: list[Run], organs: list[str]) -> dict[str, dict[str, Any]]
             p_inj[organ] = df["prob"].to_numpy(float)
             if {"prob_healthy", "prob_low", "prob_high"} <= set(df.columns):
                 p_graded[organ] = df[["prob_healthy", "prob_low", "prob_high"]].to_numpy(float)
-        out[run.name] = metrics.rsna_weighted_log_loss(grades, p_inj, p_graded).to_dict()
+        out[run.name] = LogLoss(**metrics.rsna_weighted_log_loss(grades, p_inj, p_graded).to_dict())
     return out
+
+
+def report_dir(ws: Workspace, name: str | None = None) -> Path:
+    """The report folder ``reports/<name>/`` (default ``compare``) that :func:`compare_runs` writes."""
+    return ws.reports_dir / (name or "compare")
 
 
 def compare_runs(
@@ -252,8 +272,8 @@ def compare_runs(
     force: bool = False,
     allow_mismatch: bool = False,
     progress: Any | None = None,
-) -> Path:
-    """Compare the baseline with synthetic runs and write the report folder.
+) -> Comparison:
+    """Compare the baseline with synthetic runs and write the report folder ``report_dir(ws, out_name)``.
 
     Parameters
     ----------
@@ -275,12 +295,13 @@ def compare_runs(
 
     Returns
     -------
-    Path
-        The report folder holding report.md, report.html, report.json, plots and config.yaml.
+    Comparison
+        Every figure; the report folder holds it as report.json, rendered as report.md and
+        report.html, with plots and config.yaml.
     """
     from eval import plots, report
 
-    out_dir = ws.reports_dir / (out_name or "compare")
+    out_dir = report_dir(ws, out_name)
     if out_dir.exists() and any(out_dir.iterdir()) and not force:
         raise ToolkitError(
             f"report folder {out_dir} already exists; pass --force to replace it or --name to pick another"
@@ -305,11 +326,11 @@ def compare_runs(
 
     steps = sum(2 * sum(r.has_organ(o) for r in selected) for o in organs)
     task = progress.add_task("bootstrap", total=steps) if progress is not None else None
-    organ_results: dict[str, Any] = {}
+    organ_results: dict[str, OrganComparison] = {}
     for i, organ in enumerate(organs):
         present = [r for r in selected if r.has_organ(organ)]
         levels = load_level_scores(present, organ)
-        res: dict[str, Any] = {}
+        scored: dict[str, LevelComparison] = {}
         for level in ("patient", "slice"):
 
             def advance(name: str, organ: str = organ, level: str = level) -> None:
@@ -317,65 +338,45 @@ def compare_runs(
                     progress.update(task, advance=1, info=f"{organ} {level} {name}")
 
             # One seed per organ and level, shared by every run, so runs are paired.
-            res[level] = score_level(levels[level], baseline.name, level, cfg, cfg.seed + 1000 * i, advance)
-        n_pos = res["patient"]["n_positive"]
-        res["low_power"] = n_pos < cfg.eval.min_positives
-        res["note"] = (
-            f"only {n_pos} injured test patient(s): the comparison has little power" if res["low_power"] else ""
+            scored[level] = score_level(levels[level], baseline.name, level, cfg, cfg.seed + 1000 * i, advance)
+        n_pos = scored["patient"].n_positive
+        low_power = n_pos < cfg.eval.min_positives
+        organ_results[organ] = OrganComparison(
+            patient=scored["patient"],
+            slice=scored["slice"],
+            low_power=low_power,
+            note=f"only {n_pos} injured test patient(s): the comparison has little power" if low_power else "",
+            # Runs match on these (``organs`` is a match key), so the baseline's stand for all.
+            settings=baseline.organ_settings(organ),
+            generators={
+                r.name: GeneratorRecord(r.generator_id(organ), r.generator_summary(organ), r.generator_audit(organ))
+                for r in present
+                if r.name != baseline.name
+            },
         )
-        # Runs match on these (``organs`` is a match key), so the baseline's stand for all.
-        res["classifier"] = {
-            "image_size": baseline.image_size(organ),
-            "trainable_blocks": baseline.organ_setting(organ, "trainable_blocks"),
-        }
-        res["generators"] = {
-            r.name: {
-                "generator_id": r.generator_id(organ),
-                "summary": r.generator_summary(organ),
-                "audit": r.generator_audit(organ),
-            }
-            for r in present
-            if r.name != baseline.name
-        }
-        organ_results[organ] = res
 
-    result: dict[str, Any] = {
-        "baseline": baseline.name,
-        "runs": {
-            r.name: {
-                k: r.meta.get(k)
-                for k in (
-                    "split_hash",
-                    "synthetic_ratio",
-                    "seed",
-                    "folds",
-                    "model",
-                    "image_size",
-                    "epochs",
-                    "epoch_size",
-                )
-            }
-            for r in selected
-        },
-        "settings_mismatch": mismatch,
-        "notes": notes,
-        "eval": {
-            "bootstrap": cfg.eval.bootstrap,
-            "ci": cfg.eval.ci,
-            "alpha": cfg.eval.alpha,
-            "min_positives": cfg.eval.min_positives,
-            "seed": cfg.seed,
-        },
-        "organs": organ_results,
-        "rsna_log_loss": rsna_scores(selected, organs),
-    }
+    result = Comparison(
+        baseline=baseline.name,
+        runs={r.name: RunRecord.from_info(r.info) for r in selected},
+        settings_mismatch=mismatch,
+        notes=notes,
+        eval=EvalSettings(
+            bootstrap=cfg.eval.bootstrap,
+            ci=cfg.eval.ci,
+            alpha=cfg.eval.alpha,
+            min_positives=cfg.eval.min_positives,
+            seed=cfg.seed,
+        ),
+        organs=organ_results,
+        rsna_log_loss=rsna_scores(selected, organs),
+    )
 
     if out_dir.exists():
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
     images = plots.write_plots(result, out_dir)
-    report.write_json(result, out_dir / "report.json")
-    report.write_markdown(result, out_dir / "report.md", images)
-    report.write_html(result, out_dir / "report.html", images)
+    result.write_json(out_dir / REPORT_JSON)
+    report.write_markdown(result, out_dir / REPORT_MD, images)
+    report.write_html(result, out_dir / REPORT_HTML, images)
     save_config(cfg, out_dir / "config.yaml")
-    return out_dir
+    return result

@@ -370,7 +370,7 @@ def explain_runs(
         raise ToolkitError("no run to explain; pass --runs NAME")
     loaded = [load_run(ws, name) for name in dict.fromkeys(runs)]
     for run in loaded:
-        if organ not in run.organs or not (run.organ_dir(organ) / "fold_0").exists():
+        if not run.has_models(organ):
             raise ToolkitError(
                 f"run '{run.name}' has no {organ} models in {run.organ_dir(organ)}; train that organ first"
             )
@@ -383,9 +383,9 @@ def explain_runs(
     store = SliceSet.load(ws.store_dir)
     store_hash = store.meta.get("split_hash")
     for run in loaded:
-        if store_hash is not None and run.meta.get("split_hash") not in (None, store_hash):
+        if store_hash is not None and run.info.split_hash not in (None, store_hash):
             raise ToolkitError(
-                f"run '{run.name}' was trained on split {run.meta.get('split_hash')} but the store has "
+                f"run '{run.name}' was trained on split {run.info.split_hash} but the store has "
                 f"{store_hash}; its test slices are not this store's"
             )
     test_rows = np.flatnonzero(store.table["split"].to_numpy() == "test") if "split" in store.table else []
@@ -400,7 +400,7 @@ def explain_runs(
     cts = None
     has_truth = False
     for run in loaded:
-        windows = run.meta.get("windows") or [[40.0, 400.0]]
+        windows = run.info.windows or [[40.0, 400.0]]
         image_size = run.image_size(organ)
         models = load_fold_models(run.path, organ)
         probs = np.asarray(predict_probs(models, hu, windows, image_size)).mean(axis=0)

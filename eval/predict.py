@@ -51,7 +51,7 @@ def choose_runs(ws: Workspace, run: str) -> dict[str, Run]:
     """Organ -> run that scores it: one named run for every organ it has, or per organ the best OOF AUC."""
     if run != BEST:
         r = load_run(ws, run)
-        organs = [o for o in ORGANS if o in r.organs and (r.organ_dir(o) / "fold_0").exists()]
+        organs = [o for o in ORGANS if r.has_models(o)]
         if not organs:
             raise ToolkitError(f"run '{run}' has no trained fold models under {r.path}; run `toolkit train --resume`")
         return {o: r for o in organs}
@@ -77,7 +77,8 @@ def _store_meta(ws: Workspace) -> dict[str, Any]:
 def run_settings(run: Run, store_meta: dict[str, Any] | None = None, organ: str | None = None) -> dict[str, Any]:
     """How ``run`` saw its slices: store size, slices per series and body crop, windows, aggregate rule.
 
-    With ``organ``, that organ's ``train.organs`` overrides apply (its image size: ``Run.image_size``).
+    With ``organ``, the settings run.json records for it apply (``Run.organ_settings``; its image
+    size: ``Run.image_size``); without, the run's.
 
     The store the run was trained on (same ``split_hash``) is the authority for slice size and
     count: a run's config.yaml records the config of the train command, whose ``data`` section
@@ -85,7 +86,7 @@ def run_settings(run: Run, store_meta: dict[str, Any] | None = None, organ: str 
     """
     data = run.config.get("data") or {}
     meta = store_meta or {}
-    if meta.get("split_hash") is not None and meta.get("split_hash") == run.meta.get("split_hash"):
+    if meta.get("split_hash") is not None and meta.get("split_hash") == run.info.split_hash:
         size, slices = meta.get("size"), meta.get("slices_per_series")
         size = size[0] if isinstance(size, list) else size
         crop_body = meta.get("crop_body", False)  # stores written before the crop existed: whole image
@@ -95,15 +96,20 @@ def run_settings(run: Run, store_meta: dict[str, Any] | None = None, organ: str 
     if size is None:
         raise ToolkitError(
             f"cannot tell the slice size run '{run.name}' was trained at: no store with split "
-            f"{run.meta.get('split_hash')} and no data.size in {run.path / 'config.yaml'}"
+            f"{run.info.split_hash} and no data.size in {run.folder.config_path}"
         )
+    if organ is not None:
+        settings = run.organ_settings(organ)
+        aggregate, top_k = settings.aggregate, settings.top_k
+    else:
+        aggregate, top_k = run.organ_setting(None, "aggregate"), run.organ_setting(None, "top_k")
     return {
         "size": int(size),
         "slices": int(slices or 0),
         "crop_body": bool(crop_body),
-        "windows": run.meta.get("windows") or data.get("windows"),
-        "aggregate": run.organ_setting(organ, "aggregate") or "max",
-        "top_k": int(run.organ_setting(organ, "top_k") or 3),
+        "windows": run.info.windows or data.get("windows"),
+        "aggregate": aggregate or "max",
+        "top_k": int(top_k or 3),
     }
 
 

@@ -1,4 +1,5 @@
-"""Comparison reports: report.json (every number), report.md, self-contained report.html, terminal table.
+"""Comparison reports: report.md, self-contained report.html and the terminal table, rendered from a
+:class:`~toolkit.artifacts.comparison.Comparison` (which writes report.json itself).
 
 The markdown and HTML are rendered from one list of blocks so they always say the same thing.
 """
@@ -7,32 +8,15 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import math
 from pathlib import Path
 from typing import Any
 
 from eval.metrics import RSNA_WEIGHTS
+from toolkit.artifacts.comparison import AUCInterval, Comparison, Delta, LevelComparison
+from toolkit.artifacts.run import OrganSettings
 
 Block = tuple  # ("h1"|"h2"|"h3"|"p"|"warn", text) | ("table", headers, rows) | ("img", name, alt)
-
-
-def _clean(obj: Any) -> Any:
-    """NaN/inf -> None so the JSON is standard."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    if hasattr(obj, "item") and not isinstance(obj, (str, bytes)):
-        return _clean(obj.item())
-    return obj
-
-
-def write_json(result: dict[str, Any], path: Path) -> Path:
-    path.write_text(json.dumps(_clean(result), indent=2))
-    return path
 
 
 def _f(x: Any, digits: int = 3) -> str:
@@ -54,34 +38,34 @@ def _p(p: Any) -> str:
     return "<0.001" if p < 0.001 else f"{p:.3f}"
 
 
-def _ci(entry: dict[str, Any]) -> str:
-    return f"{_f(entry['estimate'])} [{_f(entry['low'])}, {_f(entry['high'])}]"
+def _ci(auc: AUCInterval) -> str:
+    return f"{_f(auc.estimate)} [{_f(auc.low)}, {_f(auc.high)}]"
 
 
-def _delta(vs: dict[str, Any]) -> str:
-    return f"{vs['delta']:+.3f} [{_f(vs['ci_low'])}, {_f(vs['ci_high'])}]" if math.isfinite(vs["delta"]) else "n/a"
+def _delta(vs: Delta) -> str:
+    return f"{vs.delta:+.3f} [{_f(vs.ci_low)}, {_f(vs.ci_high)}]" if math.isfinite(vs.delta) else "n/a"
 
 
-def _ratio(result: dict[str, Any], name: str) -> str:
-    r = result["runs"][name].get("synthetic_ratio")
+def _ratio(result: Comparison, name: str) -> str:
+    r = result.runs[name].synthetic_ratio
     return "n/a" if r is None else f"{float(r):g}"
 
 
-def summary_rows(result: dict[str, Any]) -> list[list[str]]:
+def summary_rows(result: Comparison) -> list[list[str]]:
     """Patient-level headline rows: organ, run, synthetic ratio, AUC [CI], delta [CI], p, verdict."""
     rows = []
-    for organ, res in result["organs"].items():
-        for name, entry in res["patient"]["runs"].items():
-            vs = entry.get("vs_baseline")
+    for organ, res in result.organs.items():
+        for name, entry in res.patient.runs.items():
+            vs = entry.vs_baseline
             rows.append(
                 [
                     organ,
                     name,
                     _ratio(result, name),
-                    _ci(entry["auc"]),
+                    _ci(entry.auc),
                     _delta(vs) if vs else "baseline",
-                    _p(vs["p"]) if vs else "",
-                    vs["verdict"] if vs else "",
+                    _p(vs.p) if vs else "",
+                    vs.verdict if vs else "",
                 ]
             )
     return rows
@@ -98,7 +82,7 @@ SUMMARY_HEADERS = [
 ]
 
 
-def _level_table(result: dict[str, Any], level: dict[str, Any]) -> Block:
+def _level_table(level: LevelComparison) -> Block:
     headers = [
         "run",
         "AUC [CI]",
@@ -113,22 +97,22 @@ def _level_table(result: dict[str, Any], level: dict[str, Any]) -> Block:
         "Youden spec.",
     ]
     rows = []
-    for name, e in level["runs"].items():
-        vs = e.get("vs_baseline")
-        fs, yd = e["full_sensitivity"], e["youden"]
+    for name, e in level.runs.items():
+        vs = e.vs_baseline
+        fs, yd = e.full_sensitivity, e.youden
         rows.append(
             [
                 name,
-                _ci(e["auc"]),
-                _f(e["mean_fold_auc"]),
+                _ci(e.auc),
+                _f(e.mean_fold_auc),
                 _delta(vs) if vs else "baseline",
-                _p(vs["p"]) if vs else "",
-                vs["verdict"] if vs else "",
-                _f(fs["threshold"]),
-                _f(fs["specificity"]),
-                _f(fs["accuracy"]),
-                _f(yd["sensitivity"]),
-                _f(yd["specificity"]),
+                _p(vs.p) if vs else "",
+                vs.verdict if vs else "",
+                _f(fs.threshold),
+                _f(fs.specificity),
+                _f(fs.accuracy),
+                _f(yd.sensitivity),
+                _f(yd.specificity),
             ]
         )
     return ("table", headers, rows)
@@ -161,12 +145,12 @@ CAVEATS = [
 ]
 
 
-def _classifier_text(clf: dict[str, Any] | None) -> str:
+def _classifier_text(settings: OrganSettings | None) -> str:
     """How this organ's classifiers saw the slices (``train.organs`` may differ per organ)."""
-    if not clf:
+    if settings is None:
         return ""
-    text = f"Classifiers: {clf['image_size']} px slices"
-    blocks = clf.get("trainable_blocks")
+    text = f"Classifiers: {settings.image_size} px slices"
+    blocks = settings.trainable_blocks
     if blocks is not None:
         n = int(blocks)
         if n < 0:
@@ -178,24 +162,24 @@ def _classifier_text(clf: dict[str, Any] | None) -> str:
     return text + "."
 
 
-def build_blocks(result: dict[str, Any]) -> list[Block]:
+def build_blocks(result: Comparison) -> list[Block]:
     """The report as an ordered list of blocks (rendered to markdown and HTML)."""
-    base = result["baseline"]
-    ev = result["eval"]
-    others = [n for n in result["runs"] if n != base]
-    first = next(iter(result["organs"].values()))
+    base = result.baseline
+    ev = result.eval
+    others = result.others
+    first = next(iter(result.organs.values()))
     blocks: list[Block] = [
         ("h1", "Does synthetic CT improve the injury classifier?"),
         (
             "p",
             f"Baseline '{base}' (real slices only) vs {', '.join(repr(n) for n in others)}. "
-            f"Test set: {first['patient']['n_patients']} patients, split hash "
-            f"{result['runs'][base].get('split_hash')}.",
+            f"Test set: {first.patient.n_patients} patients, split hash "
+            f"{result.runs[base].split_hash}.",
         ),
     ]
-    if result["settings_mismatch"]:
+    if result.settings_mismatch:
         diffs = "; ".join(
-            f"{k}: " + ", ".join(f"{n}={v}" for n, v in vals.items()) for k, vals in result["settings_mismatch"].items()
+            f"{k}: " + ", ".join(f"{n}={v}" for n, v in vals.items()) for k, vals in result.settings_mismatch.items()
         )
         blocks.append(
             (
@@ -204,14 +188,14 @@ def build_blocks(result: dict[str, Any]) -> list[Block]:
                 f"attributed to it: {diffs}.",
             )
         )
-    for note in result["notes"]:
+    for note in result.notes:
         blocks.append(("warn", note))
-    low = [o for o, r in result["organs"].items() if r["low_power"]]
+    low = [o for o, r in result.organs.items() if r.low_power]
     if low:
         blocks.append(
             (
                 "warn",
-                f"Fewer than {ev['min_positives']} injured test patients for {', '.join(low)}: "
+                f"Fewer than {ev.min_positives} injured test patients for {', '.join(low)}: "
                 "those comparisons have little power.",
             )
         )
@@ -219,53 +203,51 @@ def build_blocks(result: dict[str, Any]) -> list[Block]:
     blocks.append(("table", SUMMARY_HEADERS, summary_rows(result)))
     blocks.append(("img", "auc_delta", "AUC change vs baseline per organ"))
 
-    for organ, res in result["organs"].items():
-        pl, sl = res["patient"], res["slice"]
+    for organ, res in result.organs.items():
+        pl, sl = res.patient, res.slice
         blocks.append(("h2", organ))
         blocks.append(
             (
                 "p",
-                f"Test set: {pl['n']} patients ({pl['n_positive']} injured), {sl['n']} slices "
-                f"({sl['n_positive']} injured). {_classifier_text(res.get('classifier'))}".rstrip(),
+                f"Test set: {pl.n} patients ({pl.n_positive} injured), {sl.n} slices "
+                f"({sl.n_positive} injured). {_classifier_text(res.settings)}".rstrip(),
             )
         )
-        if res["note"]:
-            blocks.append(("warn", res["note"]))
-        reason = pl["runs"][base]["auc_reason"]
+        if res.note:
+            blocks.append(("warn", res.note))
+        reason = pl.runs[base].auc_reason
         if reason:
             blocks.append(("warn", f"Patient-level AUC undefined: {reason}."))
         blocks.append(("h3", "Patient level (headline)"))
-        blocks.append(_level_table(result, pl))
+        blocks.append(_level_table(pl))
         blocks.append(("img", f"roc_{organ}", f"ROC curves, {organ}, test patients"))
         blocks.append(("h3", "Slice level"))
-        blocks.append(_level_table(result, sl))
-        if res["generators"]:
+        blocks.append(_level_table(sl))
+        if res.generators:
             blocks.append(("h3", "Generator audit (synthetic runs)"))
-            gens = res["generators"]
-            keys = sorted({k for g in gens.values() for k in g["audit"]})
-            rows = [["generator"] + [str(g["generator_id"] or "n/a") for g in gens.values()]]
-            rows += [[k] + [_num(g["audit"].get(k)) for g in gens.values()] for k in keys]
+            gens = res.generators
+            keys = sorted({k for g in gens.values() for k in g.audit})
+            rows = [["generator"] + [str(g.generator_id or "n/a") for g in gens.values()]]
+            rows += [[k] + [_num(g.audit.get(k)) for g in gens.values()] for k in keys]
             blocks.append(("table", ["figure"] + list(gens), rows))
             for name, g in gens.items():
-                if g.get("summary"):
-                    blocks.append(("p", f"{name}: {g['summary']}"))
+                if g.summary:
+                    blocks.append(("p", f"{name}: {g.summary}"))
             if not keys:
                 blocks.append(("p", "No audit figures recorded for these generators."))
 
     blocks.append(("h2", "RSNA 2023 weighted log loss (test patients)"))
     groups = list(RSNA_WEIGHTS)
     rows = []
-    for name, ll in result["rsna_log_loss"].items():
-        rows.append(
-            [name, _f(ll["score"])] + [_f(ll["groups"].get(g)) if g in ll["groups"] else "left out" for g in groups]
-        )
+    for name, ll in result.rsna_log_loss.items():
+        rows.append([name, _f(ll.score)] + [_f(ll.groups[g]) if g in ll.groups else "left out" for g in groups])
     blocks.append(("table", ["run", "mean of available groups"] + groups, rows))
-    reasons = {g: r for ll in result["rsna_log_loss"].values() for g, r in ll["left_out"].items()}
+    reasons = {g: r for ll in result.rsna_log_loss.values() for g, r in ll.left_out.items()}
     if reasons:
         blocks.append(("p", "Left out: " + "; ".join(f"{g} ({r})" for g, r in reasons.items()) + "."))
 
     blocks.append(("h2", "Methods"))
-    blocks.append(("p", METHODS.format(n_boot=ev["bootstrap"], seed=ev["seed"], ci=ev["ci"], alpha=ev["alpha"])))
+    blocks.append(("p", METHODS.format(n_boot=ev.bootstrap, seed=ev.seed, ci=ev.ci, alpha=ev.alpha)))
     blocks.append(("h2", "Caveats"))
     for c in CAVEATS:
         blocks.append(("li", c))
@@ -350,21 +332,21 @@ def render_html(blocks: list[Block], images: dict[str, Path]) -> str:
     return "\n".join(out)
 
 
-def write_markdown(result: dict[str, Any], path: Path, images: dict[str, Path]) -> Path:
+def write_markdown(result: Comparison, path: Path, images: dict[str, Path]) -> Path:
     path.write_text(render_markdown(build_blocks(result), images))
     return path
 
 
-def write_html(result: dict[str, Any], path: Path, images: dict[str, Path]) -> Path:
+def write_html(result: Comparison, path: Path, images: dict[str, Path]) -> Path:
     path.write_text(render_html(build_blocks(result), images))
     return path
 
 
-def summary_table(result: dict[str, Any]):
+def summary_table(result: Comparison):
     """A rich Table of the patient-level headline (for the terminal), one section per organ."""
     from rich.table import Table
 
-    table = Table(title=f"test AUC by organ vs '{result['baseline']}' (patient level, 95% CI)")
+    table = Table(title=f"test AUC by organ vs '{result.baseline}' (patient level, 95% CI)")
     for h in ("organ", "run", "ratio", "AUC [CI]", "Δ AUC [CI]", "p", "verdict"):
         left = h in ("organ", "run", "verdict")
         # Cells wrap (at spaces) in narrow terminals; names and verdicts keep a readable width.

@@ -1,41 +1,26 @@
 """Reading the run folders written by ``toolkit train`` (the only files ``eval/`` reads of a run).
 
-::
-
-    runs/<name>/config.yaml              resolved config
-    runs/<name>/run.json                 name, split_hash, synthetic_ratio, seed, folds, organs, model,
-                                         image_size, windows, epoch_size, epochs, generators, complete
-    runs/<name>/<organ>/fold_<k>/        model.safetensors + config.json, metrics.csv
-    runs/<name>/<organ>/oof.csv          patient_id, series_id, instance, fold, label, prob
-    runs/<name>/<organ>/oof_patients.csv patient_id, fold, label, grade, prob
-    runs/<name>/<organ>/test_folds.csv   patient_id, series_id, instance, label, fold, prob
-    runs/<name>/<organ>/test_slices.csv  patient_id, series_id, instance, label, prob (fold ensemble)
-    runs/<name>/<organ>/test_patients.csv patient_id, label, grade, prob, prob_fold_0..K-1
+The layout, ``run.json`` and the prediction tables are defined once, in
+:mod:`toolkit.artifacts.run`; :class:`Run` adds what comparing runs needs (settings,
+generator audits) on top of its :class:`~toolkit.artifacts.run.RunFolder` and
+:class:`~toolkit.artifacts.run.RunInfo`.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import yaml
 
+from toolkit.artifacts.run import OrganSettings, RunFolder, RunInfo
 from toolkit.config import organ_train_settings
 from toolkit.errors import ToolkitError
 from toolkit.workspace import Workspace
 
-RUN_FILE = "run.json"
-
-TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
-    "test_patients": ("patient_id", "label", "grade", "prob"),
-    "test_slices": ("patient_id", "series_id", "instance", "label", "prob"),
-    "test_folds": ("patient_id", "series_id", "instance", "label", "fold", "prob"),
-    "oof_patients": ("patient_id", "fold", "label", "grade", "prob"),
-    "oof": ("patient_id", "series_id", "instance", "fold", "label", "prob"),
-}
+_INFO_KEYS = frozenset(f.name for f in fields(RunInfo))
 
 # Settings that must match between compared runs; the compared thing (synthetic
 # ratio, generator) may differ, nothing else should.
@@ -62,40 +47,50 @@ class Run:
     """One finished (or partial) classifier run."""
 
     name: str
-    path: Path
-    meta: dict[str, Any]
+    folder: RunFolder
+    info: RunInfo
     config: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def path(self) -> Path:
+        return self.folder.path
+
+    @property
     def organs(self) -> list[str]:
-        return list(self.meta.get("organs", []))
+        return list(self.info.organs)
 
     @property
     def complete(self) -> bool:
-        return bool(self.meta.get("complete", False))
+        return self.info.complete
 
     @property
     def synthetic_ratio(self) -> float:
-        return float(self.meta.get("synthetic_ratio", 0.0) or 0.0)
+        return float(self.info.synthetic_ratio or 0.0)
 
     def organ_dir(self, organ: str) -> Path:
-        return self.path / organ
+        return self.folder.organ_dir(organ)
 
     def has_organ(self, organ: str) -> bool:
-        return organ in self.organs and (self.organ_dir(organ) / "test_patients.csv").exists()
+        """``organ`` finished: its test predictions exist."""
+        return organ in self.organs and self.folder.has_table(organ, "test_patients")
+
+    def has_models(self, organ: str) -> bool:
+        """``organ`` has fold checkpoints to predict with."""
+        return organ in self.organs and bool(self.folder.checkpoints(organ))
 
     def table(self, organ: str, name: str, required: bool = True) -> pd.DataFrame | None:
-        """Read ``<organ>/<name>.csv`` and check its columns."""
-        path = self.organ_dir(organ) / f"{name}.csv"
-        if not path.exists():
-            if required:
-                raise ToolkitError(f"run '{self.name}' has no {path}; re-run `toolkit train --resume`")
-            return None
-        df = pd.read_csv(path)
-        missing = [c for c in TABLE_COLUMNS.get(name, ()) if c not in df.columns]
-        if missing:
-            raise ToolkitError(f"{path} lacks column(s) {', '.join(missing)}; re-create it with `toolkit train`")
-        return df
+        """``<organ>/<name>.csv`` with its columns checked (:meth:`RunFolder.read_table`)."""
+        return self.folder.read_table(organ, name, required)
+
+    def organ_settings(self, organ: str) -> OrganSettings:
+        """The settings ``organ`` was trained with, as run.json records them.
+
+        A run.json written before settings were recorded per organ: rebuilt from config.yaml
+        with :meth:`organ_setting` (the rule train applied).
+        """
+        if organ in self.info.settings:
+            return self.info.settings[organ]
+        return OrganSettings.from_dict({f.name: self.organ_setting(organ, f.name) for f in fields(OrganSettings)})
 
     def organ_setting(self, organ: str | None, key: str) -> Any:
         """A train setting as ``organ`` was trained with it: its ``train.organs`` override, else the run's.
@@ -104,18 +99,18 @@ class Run:
         run.json's record of run-level values; ``organ=None`` gives the run's.
         """
         train = dict(self.config.get("train") or {})
-        if key in self.meta:
-            train[key] = self.meta[key]
+        if key in _INFO_KEYS:
+            train[key] = getattr(self.info, key)
         return organ_train_settings(train, organ).get(key)
 
     def image_size(self, organ: str) -> int:
         """Pixels per side ``organ``'s fold models take."""
-        return int(self.organ_setting(organ, "image_size"))
+        return int(self.organ_settings(organ).image_size)
 
     def setting(self, key: str) -> Any:
         """A setting from run.json, else from the train section of config.yaml."""
-        if key in self.meta:
-            return self.meta[key]
+        if key in _INFO_KEYS:
+            return getattr(self.info, key)
         return (self.config.get("train") or {}).get(key)
 
     def generator_audit(self, organ: str) -> dict[str, float]:
@@ -125,17 +120,17 @@ class Run:
         under a dotted key (``frechet_distance.synthetic_vs_real``, ``diversity``); deeper
         detail (per-class breakdowns) stays in audit.json.
         """
-        gen = (self.meta.get("generators") or {}).get(organ) or {}
+        gen = self.info.generators.get(organ) or {}
         return flatten_numeric(gen.get("audit") or {}, depth=2)
 
     def generator_summary(self, organ: str) -> str | None:
         """The audit's one-line ``summary`` text, when it has one."""
-        gen = (self.meta.get("generators") or {}).get(organ) or {}
+        gen = self.info.generators.get(organ) or {}
         summary = (gen.get("audit") or {}).get("summary")
         return summary if isinstance(summary, str) else None
 
     def generator_id(self, organ: str) -> str | None:
-        gen = (self.meta.get("generators") or {}).get(organ) or {}
+        gen = self.info.generators.get(organ) or {}
         return gen.get("generator_id")
 
 
@@ -153,38 +148,20 @@ def flatten_numeric(tree: dict[str, Any], depth: int = 2, prefix: str = "") -> d
 
 def load_run(ws: Workspace, name: str) -> Run:
     """Read ``runs/<name>/run.json`` (+ config.yaml) or raise a one-line error."""
-    path = ws.run_dir(name)
-    meta_path = path / RUN_FILE
-    if not meta_path.exists():
+    folder = RunFolder(ws.run_dir(name))
+    if not folder.exists:
         found = list_runs(ws, complete_only=False)
         hint = f"runs found: {', '.join(found)}" if found else "no runs yet"
         raise ToolkitError(f"no run '{name}' in {ws.runs_dir} ({hint}); train it with `toolkit train --name {name}`")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ToolkitError(f"{meta_path} is not valid JSON ({exc.msg}); re-run `toolkit train`") from None
-    config_path = path / "config.yaml"
-    config = yaml.safe_load(config_path.read_text()) if config_path.exists() else {}
-    return Run(name=name, path=path, meta=meta, config=config or {})
+    return Run(name=name, folder=folder, info=folder.read_info(), config=folder.read_config())
 
 
 def list_runs(ws: Workspace, complete_only: bool = True) -> list[str]:
     """Names of run folders holding a run.json, sorted (only complete ones by default)."""
     if not ws.runs_dir.exists():
         return []
-    names = []
-    for p in sorted(ws.runs_dir.iterdir()):
-        meta = p / RUN_FILE
-        if not meta.exists():
-            continue
-        if complete_only:
-            try:
-                if not json.loads(meta.read_text()).get("complete", False):
-                    continue
-            except json.JSONDecodeError:
-                continue
-        names.append(p.name)
-    return names
+    folders = [RunFolder(p) for p in sorted(ws.runs_dir.iterdir())]
+    return [f.name for f in folders if f.exists and (not complete_only or f.state() == "complete")]
 
 
 def settings_mismatch(runs: list[Run]) -> dict[str, dict[str, Any]]:

@@ -33,7 +33,7 @@ from gen.grid import save_grid
 from gen.registry import create_generator, list_generators
 from toolkit import ORGANS
 from toolkit.artifacts.synthetic import SyntheticSet
-from toolkit.config import Config, save_config
+from toolkit.config import Config, check_image_sizes, save_config
 from toolkit.errors import ToolkitError
 from toolkit.reporting import Reporter, as_reporter
 from toolkit.sliceset import SliceSet
@@ -128,6 +128,7 @@ def generate(
     if not (ws.store_dir / "manifest.csv").exists():
         raise ToolkitError(f"no slice store at {ws.store_dir}; run `toolkit prepare` first")
     store = SliceSet.load(ws.store_dir)
+    check_image_sizes(cfg, store.size[0], ws.store_dir, "gen")
     data = load_training_data(store, organ, cfg)
 
     out = ws.synthetic_dir(organ)

@@ -1,4 +1,4 @@
-"""``toolkit compare`` on run folders laid out exactly as ``toolkit train`` writes them."""
+"""``toolkit compare`` on run folders written by ``toolkit train``'s own writer, fed constructed scores."""
 
 from __future__ import annotations
 
@@ -11,18 +11,21 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
 from PIL import Image
 from typer.testing import CliRunner
 
-from eval.compare import IMPROVED, NO_EVIDENCE, WORSE, compare_runs, verdict
+from eval.compare import IMPROVED, NO_EVIDENCE, WORSE, compare_runs, report_dir, verdict
 from toolkit import GRADED_ORGANS, ORGANS
+from toolkit.artifacts.comparison import REPORT_JSON, Comparison, json_safe
+from toolkit.artifacts.run import OrganSettings, RunFolder, RunInfo
 from toolkit.cli import app
-from toolkit.config import Config, EvalConfig
+from toolkit.config import Config, EvalConfig, TrainConfig, load_config, save_config
 from toolkit.errors import ToolkitError
 from toolkit.workspace import Workspace
+from train.run import organ_config, write_organ_outputs
 
-N_PATIENTS = 60
+N_PATIENTS = 60  # test patients
+N_OOF = 30  # training patients (one slice each): the out-of-fold predictions
 SLICES = 4
 FOLDS = 3
 
@@ -38,7 +41,29 @@ def _labels(seed: int = 0) -> dict[str, np.ndarray]:
     return out
 
 
-def write_fake_run(
+def _store_table() -> pd.DataFrame:
+    """The manifest the scores refer to: test patients 1000.. (SLICES each), then training patients 200.."""
+    grades = _labels()
+    rows = []
+    for p in range(N_PATIENTS):
+        for s in range(SLICES):
+            row = {"patient_id": 1000 + p, "series_id": 5000 + p, "instance": s + 1, "split": "test", "fold": -1}
+            rows.append(row | {f"{o}_patient": int(grades[o][p]) for o in ORGANS})
+    for i in range(N_OOF):
+        row = {"patient_id": 200 + i, "series_id": 2000 + i, "instance": 1, "split": "train", "fold": i % FOLDS}
+        rows.append(row | {f"{o}_patient": int(i % 3 == 0) for o in ORGANS})
+    return pd.DataFrame(rows)
+
+
+def _frame(table: pd.DataFrame, rows: np.ndarray, labels: np.ndarray, probs: np.ndarray, fold: int) -> pd.DataFrame:
+    """A fold prediction frame as the training loop makes it."""
+    picked = table.iloc[rows]
+    return pd.DataFrame({"row": rows, "patient_id": picked["patient_id"].to_numpy(),
+                         "series_id": picked["series_id"].to_numpy(), "instance": picked["instance"].to_numpy(),
+                         "fold": fold, "label": labels, "prob": probs})
+
+
+def write_scored_run(
     root: Path,
     name: str,
     ratio: float,
@@ -50,93 +75,57 @@ def write_fake_run(
     organs: tuple[str, ...] = ORGANS,
     audit: dict | None = None,
 ) -> Path:
-    """A complete run folder per the train contract, with scores ``separation * label + noise``.
+    """A complete run folder written by train's writer, with fold scores ``separation * label + noise``.
 
-    The noise is a shared patient effect (same for every run) plus run-specific noise from
-    ``noise_seed``, so runs are correlated like real models on one test set.
+    Instead of training, each fold's predictions are constructed; from there on the code is
+    train's: ``FoldFolder.write_predictions``, ``write_organ_outputs``, ``RunInfo.from_config``,
+    ``RunFolder.write_info``. The noise is a shared patient effect (same for every run) plus
+    run-specific noise from ``noise_seed``, so runs are correlated like real models on one test set.
     """
-    run = root / "runs" / name
-    run.mkdir(parents=True)
+    cfg = load_config("default", {
+        "seed": seed,
+        "data": {"windows": [[40, 400]]},
+        "train": {"synthetic_ratio": ratio, "model": "mobilenetv2_100", "image_size": 64, "epoch_size": 512,
+                  "epochs": epochs, "lr": 1.0e-3, "trainable_blocks": 3,
+                  "organs": {"kidney": {"image_size": 128, "trainable_blocks": -1}}},
+    })
+    folder = RunFolder(root / "runs" / name)
+    table = _store_table()
+    test_rows = np.arange(N_PATIENTS * SLICES)
     grades = _labels()
     shared = np.random.default_rng(123)
     rng = np.random.default_rng(noise_seed)
-    gens = {}
     for organ in organs:
-        d = run / organ
-        d.mkdir()
-        g = grades[organ]
-        y = (g > 0).astype(int)
+        y = (grades[organ] > 0).astype(int)
         patient_effect = shared.normal(0, 1, N_PATIENTS)
-        slice_rows, fold_rows = [], []
+        slice_labels, fold_probs = [], []
         for p in range(N_PATIENTS):
             for s in range(SLICES):
                 slice_label = int(y[p] and s % 2 == 0)  # injured patients: half their slices show it
                 base = separation * slice_label + patient_effect[p] + shared.normal(0, 0.5)
-                fold_logits = base + rng.normal(0, 0.7, FOLDS)
-                fold_probs = 1 / (1 + np.exp(-fold_logits))
-                key = {"patient_id": 1000 + p, "series_id": 5000 + p, "instance": s + 1, "label": slice_label}
-                slice_rows.append({**key, "prob": float(fold_probs.mean())})
-                for k in range(FOLDS):
-                    fold_rows.append({**key, "fold": k, "prob": float(fold_probs[k])})
-        slices = pd.DataFrame(slice_rows)
-        folds = pd.DataFrame(fold_rows)
-        slices.to_csv(d / "test_slices.csv", index=False)
-        folds[["patient_id", "series_id", "instance", "label", "fold", "prob"]].to_csv(
-            d / "test_folds.csv", index=False
-        )
-        pat = slices.groupby("patient_id")["prob"].max().reset_index()
-        pat["label"] = y
-        pat["grade"] = g
+                slice_labels.append(slice_label)
+                fold_probs.append(1 / (1 + np.exp(-(base + rng.normal(0, 0.7, FOLDS)))))
+        slice_labels, fold_probs = np.array(slice_labels), np.array(fold_probs)
+        oof_rows = np.arange(N_OOF) + len(test_rows)
+        oof_labels = (np.arange(N_OOF) % 3 == 0).astype(int)
+        oof_probs = np.clip(0.3 + 0.4 * oof_labels + rng.normal(0, 0.2, N_OOF), 0, 1)
         for k in range(FOLDS):
-            pat[f"prob_fold_{k}"] = folds[folds.fold == k].groupby("patient_id")["prob"].max().to_numpy()
-        pat[["patient_id", "label", "grade", "prob"] + [f"prob_fold_{k}" for k in range(FOLDS)]].to_csv(
-            d / "test_patients.csv", index=False
-        )
-        oof = pd.DataFrame(
-            {
-                "patient_id": np.arange(200, 230),
-                "fold": np.arange(30) % FOLDS,
-                "label": np.arange(30) % 3 == 0,
-            }
-        )
-        oof["grade"] = oof["label"].astype(int)
-        oof["prob"] = np.clip(0.3 + 0.4 * oof["label"] + rng.normal(0, 0.2, 30), 0, 1)
-        oof.to_csv(d / "oof_patients.csv", index=False)
-        gens[organ] = (
-            None
-            if ratio == 0
-            else {"generator_id": f"gan-{organ}-1", "synthetic_dir": f"synthetic/{organ}", "audit": audit}
-        )
-    meta = {
-        "name": name,
-        "split_hash": split_hash,
-        "synthetic_ratio": ratio,
-        "seed": seed,
-        "folds": FOLDS,
-        "organs": list(organs),
-        "model": "mobilenetv2_100",
-        "image_size": 64,
-        "windows": [[40, 400]],
-        "epoch_size": 512,
-        "epochs": epochs,
-        "generators": {o: v for o, v in gens.items() if v},
-        "complete": True,
+            fold = folder.fold(organ, k)
+            fold.path.mkdir(parents=True)
+            fold.write_predictions("test", _frame(table, test_rows, slice_labels, fold_probs[:, k], k))
+            in_fold = np.arange(N_OOF) % FOLDS == k
+            fold.write_predictions("val", _frame(table, oof_rows[in_fold], oof_labels[in_fold], oof_probs[in_fold], k))
+        otc = organ_config(cfg, organ).train
+        write_organ_outputs(folder, organ, table, FOLDS, otc.aggregate, otc.top_k)
+    generators = {} if ratio == 0 else {
+        o: {"generator_id": f"gan-{o}-1", "synthetic_dir": f"synthetic/{o}", "audit": audit} for o in organs
     }
-    (run / "run.json").write_text(json.dumps(meta))
-    (run / "config.yaml").write_text(
-        yaml.safe_dump(
-            {
-                "seed": seed,
-                "train": {
-                    "synthetic_ratio": ratio,
-                    "lr": 1e-3,
-                    "trainable_blocks": 3,
-                    "organs": {"kidney": {"image_size": 128, "trainable_blocks": -1}},
-                },
-            }
-        )
-    )
-    return run
+    info = RunInfo.from_config(name, cfg, split_hash=split_hash, folds=FOLDS, organs=list(organs),
+                               organ_train={o: organ_config(cfg, o).train for o in organs}, generators=generators)
+    info.complete = all(folder.has_table(o, "test_patients") for o in organs)
+    save_config(cfg, folder.config_path)
+    folder.write_info(info)
+    return folder.path
 
 
 AUDIT = {
@@ -163,15 +152,21 @@ def test_verdict_needs_both_ci_and_p():
 
 
 def test_compare_writes_reports_and_verdicts(tmp_path):
-    write_fake_run(tmp_path, "real-only", 0.0, separation=0.3, noise_seed=1)
-    write_fake_run(tmp_path, "synthetic-0.5", 0.5, separation=4.0, noise_seed=2, audit=AUDIT)
-    write_fake_run(tmp_path, "same", 0.25, separation=0.3, noise_seed=1)  # identical scores to the baseline
+    write_scored_run(tmp_path, "real-only", 0.0, separation=0.3, noise_seed=1)
+    write_scored_run(tmp_path, "synthetic-0.5", 0.5, separation=4.0, noise_seed=2, audit=AUDIT)
+    write_scored_run(tmp_path, "same", 0.25, separation=0.3, noise_seed=1)  # identical scores to the baseline
     ws = Workspace(tmp_path)
-    out = compare_runs(ws, _cfg())
+    comparison = compare_runs(ws, _cfg())
+    out = report_dir(ws)
     assert out == tmp_path / "reports" / "compare"
     for f in ("report.md", "report.html", "report.json", "config.yaml", "auc_delta.png", "roc_liver.png"):
         assert (out / f).exists(), f
     result = json.loads((out / "report.json").read_text())
+    # report.json is the returned comparison (NaN written as null), and reads back to it.
+    assert result == json_safe(comparison.to_dict())
+    assert json_safe(Comparison.read_json(out / REPORT_JSON).to_dict()) == result
+    assert comparison.organs["kidney"].settings.image_size == 128
+    assert comparison.organs["liver"].patient.runs["synthetic-0.5"].vs_baseline.verdict == IMPROVED
     for organ in ORGANS:
         runs = result["organs"][organ]["patient"]["runs"]
         assert runs["synthetic-0.5"]["vs_baseline"]["verdict"] == IMPROVED
@@ -204,18 +199,20 @@ def test_compare_writes_reports_and_verdicts(tmp_path):
 
     with pytest.raises(ToolkitError, match="already exists"):
         compare_runs(ws, _cfg())
-    assert compare_runs(ws, _cfg(), runs=["synthetic-0.5"], force=True) == out
+    again = compare_runs(ws, _cfg(), runs=["synthetic-0.5"], force=True)
+    assert list(again.runs) == ["real-only", "synthetic-0.5"]
+    assert list(Comparison.read_json(out / REPORT_JSON).runs) == ["real-only", "synthetic-0.5"]
 
 
 def test_compare_worse_and_low_power(tmp_path):
-    write_fake_run(tmp_path, "real-only", 0.0, separation=4.0, noise_seed=1, organs=("liver",))
-    write_fake_run(tmp_path, "synthetic-1.0", 1.0, separation=-1.0, noise_seed=2, organs=("liver",))
-    result = json.loads((compare_runs(Workspace(tmp_path), _cfg()) / "report.json").read_text())
-    liver = result["organs"]["liver"]
-    assert liver["patient"]["runs"]["synthetic-1.0"]["vs_baseline"]["verdict"] == WORSE
-    assert liver["low_power"] is False
-    assert list(result["organs"]) == ["liver"]
-    assert result["rsna_log_loss"]["real-only"]["left_out"]["any_injury"].startswith("needs all five organs")
+    write_scored_run(tmp_path, "real-only", 0.0, separation=4.0, noise_seed=1, organs=("liver",))
+    write_scored_run(tmp_path, "synthetic-1.0", 1.0, separation=-1.0, noise_seed=2, organs=("liver",))
+    result = compare_runs(Workspace(tmp_path), _cfg())
+    liver = result.organs["liver"]
+    assert liver.patient.runs["synthetic-1.0"].vs_baseline.verdict == WORSE
+    assert liver.low_power is False
+    assert list(result.organs) == ["liver"]
+    assert result.rsna_log_loss["real-only"].left_out["any_injury"].startswith("needs all five organs")
 
 
 def _invoke(tmp_path: Path, *args: str):
@@ -223,8 +220,8 @@ def _invoke(tmp_path: Path, *args: str):
 
 
 def test_cli_refuses_different_split_hashes(tmp_path):
-    write_fake_run(tmp_path, "real-only", 0.0, 0.3, 1, split_hash="aaa111", organs=("liver",))
-    write_fake_run(tmp_path, "synthetic-0.5", 0.5, 2.0, 2, split_hash="bbb222", organs=("liver",))
+    write_scored_run(tmp_path, "real-only", 0.0, 0.3, 1, split_hash="aaa111", organs=("liver",))
+    write_scored_run(tmp_path, "synthetic-0.5", 0.5, 2.0, 2, split_hash="bbb222", organs=("liver",))
     res = _invoke(tmp_path)
     assert res.exit_code == 2
     assert "Traceback" not in res.output
@@ -235,28 +232,30 @@ def test_cli_refuses_different_split_hashes(tmp_path):
 
 
 def test_cli_missing_baseline_says_how_to_make_it(tmp_path):
-    write_fake_run(tmp_path, "synthetic-0.5", 0.5, 2.0, 2, organs=("liver",))
+    write_scored_run(tmp_path, "synthetic-0.5", 0.5, 2.0, 2, organs=("liver",))
     res = _invoke(tmp_path)
     assert res.exit_code == 2 and "Traceback" not in res.output
     assert "toolkit train --synthetic-ratio 0" in res.output
 
 
 def test_cli_settings_mismatch_refused_then_recorded(tmp_path):
-    write_fake_run(tmp_path, "real-only", 0.0, 0.3, 1, organs=("liver",))
-    write_fake_run(tmp_path, "synthetic-0.5", 0.5, 2.0, 2, epochs=9, organs=("liver",))
+    write_scored_run(tmp_path, "real-only", 0.0, 0.3, 1, organs=("liver",))
+    write_scored_run(tmp_path, "synthetic-0.5", 0.5, 2.0, 2, epochs=9, organs=("liver",))
     res = _invoke(tmp_path)
     assert res.exit_code == 2 and "epochs: real-only=4, synthetic-0.5=9" in res.output
     res = _invoke(tmp_path, "--allow-mismatch")
     assert res.exit_code == 0, res.output
-    assert "improved" in res.output or "no evidence" in res.output  # the terminal summary table
     result = json.loads((tmp_path / "reports" / "compare" / "report.json").read_text())
+    assert result["organs"]["liver"]["patient"]["runs"]["synthetic-0.5"]["vs_baseline"]["verdict"] == IMPROVED
+    # The terminal summary table shows that verdict and no other (cells may wrap, words do not).
+    assert IMPROVED in res.output and "evidence" not in res.output and WORSE not in res.output
     assert result["settings_mismatch"] == {"epochs": {"real-only": 4, "synthetic-0.5": 9}}
     assert "WARNING: these runs differ" in (tmp_path / "reports" / "compare" / "report.md").read_text()
 
 
 def test_compare_refuses_different_test_patients(tmp_path):
-    write_fake_run(tmp_path, "real-only", 0.0, 0.3, 1, organs=("liver",))
-    run = write_fake_run(tmp_path, "synthetic-0.5", 0.5, 2.0, 2, organs=("liver",))
+    write_scored_run(tmp_path, "real-only", 0.0, 0.3, 1, organs=("liver",))
+    run = write_scored_run(tmp_path, "synthetic-0.5", 0.5, 2.0, 2, organs=("liver",))
     tp = pd.read_csv(run / "liver" / "test_patients.csv")
     tp.iloc[1:].to_csv(run / "liver" / "test_patients.csv", index=False)
     with pytest.raises(ToolkitError, match="tested on different patients for liver"):
@@ -274,4 +273,5 @@ def test_compare_refuses_different_test_patients(tmp_path):
 def test_report_says_which_layers_were_fine_tuned(blocks: int, text: str) -> None:
     from eval.report import _classifier_text
 
-    assert _classifier_text({"image_size": 96, "trainable_blocks": blocks}) == text
+    settings = OrganSettings.from_train(TrainConfig(image_size=96, trainable_blocks=blocks))
+    assert _classifier_text(settings) == text

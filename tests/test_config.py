@@ -30,7 +30,7 @@ from toolkit.config import (
     parse_overrides,
     validate,
 )
-from toolkit.errors import ConfigError
+from toolkit.errors import ConfigError, ContractError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -148,20 +148,33 @@ def test_bad_eval_value_in_a_file_stops_any_command_in_one_line(tmp_path):
 
 
 # ------------------------------------------------------------------ rules across sections
-def test_classifier_larger_than_the_stored_slices_is_refused():
-    with pytest.raises(ConfigError, match=r"train.image_size=256 is above data.size=128 .* upsampled .* prepare"):
-        load("demo", "train.image_size=256")
-    # demo.yaml trains kidney and bowel at 128 px: a 96 px store is too small for them.
-    with pytest.raises(ConfigError, match=r"train.organs.kidney.image_size=128 is above data.size=96"):
-        load("demo", "data.size=96")
-    with pytest.raises(ConfigError, match=r"gen.image_size=256 is above data.size=128"):
-        load("demo", "gen.image_size=256")
+def test_classifier_or_generator_larger_than_the_stored_slices_is_refused(tmp_path):
+    """Sizes are checked against the store on disk (it may be smaller than data.size says), in one line."""
+    from gen.run import generate
+    from toolkit.workspace import Workspace
+    from train.run import train_run
+
+    ws = Workspace(tmp_path)
+    store = make_toy_slice_set(n_patients=8, slices_per_patient=4, size=32)
+    store.meta["split_hash"] = "toy"
+    store.save(ws.store_dir)
+    cfg = load("demo", "train.organs={}", "train.image_size=64", "train.epochs=1")
+    with pytest.raises(ContractError, match=r"train.image_size=64 is above the 32 px slices of the store .* upsampled"):
+        train_run(ws, cfg, organs=["liver"])
+    cfg = load("demo", "train.image_size=32")  # demo trains kidney at 128 px
+    with pytest.raises(ContractError, match=r"train.organs.kidney.image_size=128 is above the 32 px slices"):
+        train_run(ws, cfg, organs=["liver"])
+    with pytest.raises(ContractError, match=r"gen.image_size=64 is above the 32 px slices .* prepare --force"):
+        generate(ws, load("demo", "gen.image_size=64"), "liver")
+    assert not (ws.runs_dir).exists() and not ws.synthetic_root.exists()  # refused before anything is written
+
+
+def test_train_folds_above_the_stored_folds_is_refused():
     with pytest.raises(ConfigError, match=r"train.folds=4 is above data.folds=3"):
         load("demo", "train.folds=4")
-    assert load("demo", "data.size=96", "train.organs={}").train.image_size == 64
     # A Config built in code gets the same checks.
-    cfg = dataclasses.replace(Config(), data=dataclasses.replace(Config().data, size=64))
-    with pytest.raises(ConfigError, match="train.image_size=224 is above data.size=64"):
+    cfg = dataclasses.replace(Config(), train=dataclasses.replace(Config().train, folds=9))
+    with pytest.raises(ConfigError, match="train.folds=9 is above data.folds=5"):
         validate(cfg)
 
 

@@ -7,6 +7,7 @@ import json
 from typer.testing import CliRunner
 
 from toolkit import ORGANS
+from toolkit.artifacts.run import RunFolder
 from toolkit.cli import app
 from toolkit.data.phantom import identifying_values
 
@@ -54,10 +55,10 @@ def test_demo_runs_end_to_end_and_reports_every_organ(tmp_path):
     assert json.dumps(report)  # numbers are serialisable
 
     # The two runs differ only in the synthetic ratio: same split, folds, seed and steps.
-    runs = {n: json.loads((tmp_path / "runs" / n / "run.json").read_text()) for n in ("real-only", "synthetic-0.5")}
-    assert runs["real-only"]["split_hash"] == runs["synthetic-0.5"]["split_hash"]
-    for key in ("seed", "folds", "epochs", "epoch_size", "model", "image_size"):
-        assert runs["real-only"][key] == runs["synthetic-0.5"][key], key
+    runs = {n: RunFolder(tmp_path / "runs" / n).read_info() for n in ("real-only", "synthetic-0.5")}
+    assert runs["real-only"].split_hash == runs["synthetic-0.5"].split_hash
+    for key in ("seed", "folds", "epochs", "epoch_size", "model", "image_size", "settings"):
+        assert getattr(runs["real-only"], key) == getattr(runs["synthetic-0.5"], key), key
 
     # Re-running keeps finished work: nothing is retrained, the report is rebuilt.
     before = (tmp_path / "runs" / "real-only" / "liver" / "test_patients.csv").read_bytes()

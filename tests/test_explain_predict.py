@@ -1,4 +1,4 @@
-"""``toolkit explain`` and ``toolkit predict`` on a tiny real timm run folder (random weights, 32 px)."""
+"""``toolkit explain`` and ``toolkit predict`` on tiny run folders trained by ``toolkit train`` (random init, 32 px)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,7 @@ import pandas as pd
 import pytest
 import timm
 import torch
-import yaml
 from PIL import Image
-from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from eval.explain import explain_runs, last_conv, localisation, resize_mask, select_slices
@@ -21,79 +19,46 @@ from eval.predict import predict_study, run_settings
 from eval.runs import load_run
 from tests.conftest import make_toy_slice_set
 from toolkit.cli import app
-from toolkit.config import Config, EvalConfig
+from toolkit.config import Config, EvalConfig, load_config
 from toolkit.data.phantom_anatomy import ORGAN_CODES
 from toolkit.errors import ToolkitError
 from toolkit.workspace import Workspace
+from train.run import train_run
 
 SIZE = 32  # store and model input size
-MEAN, STD = [0.39], [0.23]
 
 
-def _write_fold(directory: Path, seed: int) -> None:
-    """One fold checkpoint per the train contract: model.safetensors + config.json."""
-    torch.manual_seed(seed)
-    model = timm.create_model("mobilenetv2_050", num_classes=1, in_chans=1)
-    directory.mkdir(parents=True)
-    save_file(
-        {k: v.contiguous() for k, v in model.state_dict().items()}, str(directory / "model.safetensors")
-    )
-    config = {
-        "architecture": "mobilenetv2_050",
-        "in_chans": 1,
-        "num_classes": 1,
-        "image_size": SIZE,
-        "mean": MEAN,
-        "std": STD,
-        "windows": [[40.0, 400.0]],
-        "fold": int(directory.name.split("_")[1]),
-    }
-    (directory / "config.json").write_text(json.dumps(config))
-
-
-def write_tiny_run(root: Path, name: str, aggregate: str = "max", seed: int = 0) -> Path:
-    run = root / "runs" / name
-    for k in range(2):
-        _write_fold(run / "liver" / f"fold_{k}", seed + k)
-    oof = pd.DataFrame({"patient_id": range(8), "fold": [0, 1] * 4, "label": [0, 1] * 4, "grade": [0, 1] * 4})
-    oof["prob"] = [0.2, 0.6, 0.3, 0.7, 0.1, 0.55, 0.4, 0.9]
-    oof.to_csv(run / "liver" / "oof_patients.csv", index=False)
-    meta = {
-        "name": name,
-        "split_hash": "toy-split",
-        "synthetic_ratio": 0.0,
-        "seed": 0,
-        "folds": 2,
-        "organs": ["liver"],
-        "model": "mobilenetv2_050",
-        "image_size": SIZE,
-        "windows": [[40.0, 400.0]],
-        "epoch_size": 64,
-        "epochs": 1,
-        "generators": {},
-        "complete": True,
-    }
-    (run / "run.json").write_text(json.dumps(meta))
-    cfg = {
-        "seed": 0,
+def tiny_train_config(seed: int = 0, **liver: object) -> Config:
+    """One epoch of a tiny MobileNetV2; ``liver`` overrides that organ's settings (``train.organs``)."""
+    return load_config("default", {
+        "seed": seed,
         # Deliberately not the store's size: the store the run was trained on is the authority.
         "data": {"size": 64, "slices_per_series": 5, "windows": [[40.0, 400.0]]},
-        "train": {"aggregate": aggregate, "top_k": 2, "image_size": SIZE},
-    }
-    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
-    return run
+        "train": {"model": "mobilenetv2_050", "pretrained": False, "image_size": SIZE, "folds": 2, "epochs": 1,
+                  "epoch_size": 32, "batch_size": 16, "trainable_blocks": -1, "num_workers": 0,
+                  "organs": {"liver": liver} if liver else {}},
+    })
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, one_torch_thread) -> Path:
+    """A workspace with two runs trained on the toy store: ``real-only`` (patient score = max slice) and
+    ``topk`` (another seed; liver scores patients by the mean of the top 2 slices, a per-organ setting)."""
+    ws = Workspace(tmp_path_factory.mktemp("explain_runs"))
+    make_toy_slice_set(n_patients=12, slices_per_patient=4, size=SIZE).save(ws.store_dir)
+    train_run(ws, tiny_train_config(), name="real-only", organs=["liver"])
+    train_run(ws, tiny_train_config(seed=1, aggregate="topk", top_k=2), name="topk", organs=["liver"])
+    return ws.root
+
+
 @pytest.fixture
-def workspace(tmp_path) -> Workspace:
-    ws = Workspace(tmp_path)
-    store = make_toy_slice_set(n_patients=12, slices_per_patient=4, size=SIZE)
-    store.save(ws.store_dir)
-    write_tiny_run(tmp_path, "real-only")
-    return ws
+def workspace(trained: Path, tmp_path: Path) -> Workspace:
+    """A fresh copy of the trained workspace (tests write reports and ground truth into it)."""
+    shutil.copytree(trained, tmp_path, dirs_exist_ok=True)
+    return Workspace(tmp_path)
 
 
 def _write_truth(ws: Workspace, store_table: pd.DataFrame, size: int = 2 * SIZE) -> None:
@@ -150,9 +115,8 @@ def test_explain_writes_overlays_and_localisation(workspace):
 
     table = SliceSet.load(workspace.store_dir).table
     _write_truth(workspace, table)
-    write_tiny_run(workspace.root, "synthetic-0.5", seed=10)
     cfg = Config(eval=EvalConfig(explain_slices=6))
-    result = explain_runs(workspace, cfg, ["real-only", "synthetic-0.5"], "liver")
+    result = explain_runs(workspace, cfg, ["real-only", "topk"], "liver")
     assert result["n_slices"] == 6 and result["has_truth"]
     out = workspace.reports_dir / "explain-real-only-liver"
     data = json.loads((out / "explain.json").read_text())
@@ -169,7 +133,7 @@ def test_explain_writes_overlays_and_localisation(workspace):
     )
     assert (out / "explain.md").exists() and (out / "config.yaml").exists()
     assert (workspace.reports_dir / "explain-liver-compare" / "grid.png").exists()
-    assert set(result["summary"]) == {"real-only", "synthetic-0.5"}
+    assert set(result["summary"]) == {"real-only", "topk"}
     with pytest.raises(ToolkitError, match="already exists"):
         explain_runs(workspace, cfg, ["real-only"], "liver")
 
@@ -200,16 +164,22 @@ def test_predict_study_matches_the_fold_ensemble(workspace, tmp_path):
     assert result["n_slices"] == 4 and list(result["organs"]) == ["liver"]
     hu, _ = read_series(study, size=SIZE)
     probs = predict_probs(load_fold_models(workspace.run_dir("real-only"), "liver"), hu, [[40, 400]], SIZE)
+    assert probs.shape == (2, 4)  # one row per fold model
     assert liver["prob"] == pytest.approx(float(probs.mean(axis=0).max()), abs=1e-6)
     assert liver["prob_folds"] == pytest.approx(probs.max(axis=1).tolist(), abs=1e-6)
-    assert liver["full_sensitivity_threshold"] == pytest.approx(0.55)
+    # Fixed on out-of-fold patients: the lowest score of an injured one.
     run = load_run(workspace, "real-only")
+    oof = run.table("liver", "oof_patients")
+    assert liver["full_sensitivity_threshold"] == pytest.approx(oof.loc[oof["label"] > 0, "prob"].min())
     assert run_settings(run, {"split_hash": "toy-split", "size": [SIZE, SIZE]})["size"] == SIZE
     assert run_settings(run, {"split_hash": "other", "size": [SIZE, SIZE]})["size"] == 64
     assert result["elapsed_s"] > 0
 
-    write_tiny_run(workspace.root, "topk", aggregate="topk")
+    # The topk run scores liver with its own per-organ rule: the mean of the 2 highest slices.
+    assert load_run(workspace, "topk").organ_settings("liver").aggregate == "topk"
     topk = predict_study(workspace, Config(), study, "topk")["organs"]["liver"]
+    probs = predict_probs(load_fold_models(workspace.run_dir("topk"), "liver"), hu, [[40, 400]], SIZE)
+    assert topk["aggregate"] == "top2"
     assert topk["prob"] == pytest.approx(float(np.sort(probs.mean(axis=0))[-2:].mean()), abs=1e-6)
 
 

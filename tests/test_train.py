@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -12,15 +14,16 @@ from conftest import make_toy_slice_set
 from sklearn.metrics import roc_auc_score
 from typer.testing import CliRunner
 
-from eval.runs import load_run
+from eval.runs import list_runs, load_run
+from toolkit.artifacts.run import RUN_LEVEL_TRAIN_KEYS, OrganSettings, RunFolder
 from toolkit.artifacts.synthetic import SyntheticSet
-from toolkit.config import Config, load_config
+from toolkit.config import Config, TrainConfig, load_config
 from toolkit.errors import ContractError, ToolkitError
 from toolkit.sliceset import SliceSet
 from toolkit.workspace import Workspace
 from train.balancer import REAL, SYNTHETIC
 from train.engine import TrainHooks
-from train.run import train_run
+from train.run import organ_config, train_run
 
 ORGAN = "liver"
 NEAR_COPY_HU = 3000  # near-copy synthetic slices are painted with this, so training can be checked for them
@@ -105,11 +108,12 @@ def synthetic_half(ws: Workspace) -> tuple[Path, Recorder]:
 def test_run_folder_follows_the_output_contract(ws: Workspace, real_only) -> None:
     run_dir, _ = real_only
     assert run_dir == ws.run_dir("real-only")
-    run = json.loads((run_dir / "run.json").read_text())
-    assert run["complete"] is True and run["folds"] == 2 and run["organs"] == [ORGAN]
-    assert run["split_hash"] == "toy-split" and run["synthetic_ratio"] == 0.0
-    for key in ("name", "seed", "model", "image_size", "windows", "epoch_size", "epochs", "generators"):
-        assert key in run
+    info = RunFolder(run_dir).read_info()
+    assert info.complete is True and info.folds == 2 and info.organs == [ORGAN]
+    assert info.split_hash == "toy-split" and info.synthetic_ratio == 0.0 and info.generators == {}
+    assert (info.name, info.seed, info.model, info.image_size, info.windows) == (
+        "real-only", 0, "mobilenetv2_050", 32, [[40, 400]])
+    assert info.settings == {ORGAN: OrganSettings.from_train(tiny_config().train)}
     assert (run_dir / "config.yaml").exists()
     organ_dir = run_dir / ORGAN
     for k in range(2):
@@ -196,7 +200,7 @@ def test_synthetic_share_balance_and_isolation(ws: Workspace, real_only, synthet
         assert syn["optimizer_steps"] == real["optimizer_steps"] == 2 * 2  # 32 samples / batch 16, 2 epochs
         assert syn["train_samples"] == real["train_samples"] == 64
         assert syn["synthetic_samples"] == 32 and real["synthetic_samples"] == 0
-    generators = json.loads((run_dir / "run.json").read_text())["generators"]
+    generators = RunFolder(run_dir).read_info().generators
     assert generators[ORGAN]["generator_id"] == "toy-gan-1"
     assert generators[ORGAN]["audit"] == {"near_copies": 10}
     assert generators[ORGAN]["resized"] == {"from": 48, "to": 32}  # train.synthetic_resize, recorded
@@ -237,6 +241,29 @@ def _predictions(run_dir: Path) -> pd.DataFrame:
     return pd.concat([pd.read_csv(organ_dir / "test_folds.csv"), pd.read_csv(organ_dir / "oof.csv")])
 
 
+def _prediction_bytes(run_dir: Path) -> dict[str, bytes]:
+    """Every prediction file of the run (fold files and organ tables), as written."""
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted((run_dir / ORGAN).rglob("*.csv"))
+            if p.name != "metrics.csv"}  # metrics.csv holds timings
+
+
+# Predictions of ``tiny_config()`` on the module's toy store, seed 0 (torch 2.x, CPU, deterministic algorithms).
+# A change to seeding, data order, the loop or the scheduler moves these by far more than the tolerance.
+PINNED_TEST_FOLD_MEAN = {0: 0.490382, 1: 0.492964}
+PINNED_OOF_FOLD_MEAN = {0: 0.491042, 1: 0.493159}
+PINNED_FIRST_TEST = [0.490896, 0.494287, 0.490652, 0.494861]
+PINNED_FIRST_OOF = [0.490287, 0.49067, 0.489853, 0.491184]
+
+
+def test_predictions_match_the_pinned_reference(real_only) -> None:
+    organ_dir = real_only[0] / ORGAN
+    test, oof = pd.read_csv(organ_dir / "test_folds.csv"), pd.read_csv(organ_dir / "oof.csv")
+    assert test.groupby("fold")["prob"].mean().to_dict() == pytest.approx(PINNED_TEST_FOLD_MEAN, abs=1e-5)
+    assert oof.groupby("fold")["prob"].mean().to_dict() == pytest.approx(PINNED_OOF_FOLD_MEAN, abs=1e-5)
+    assert test["prob"].head(4).tolist() == pytest.approx(PINNED_FIRST_TEST, abs=1e-5)
+    assert oof["prob"].head(4).tolist() == pytest.approx(PINNED_FIRST_OOF, abs=1e-5)
+
+
 def test_same_seed_same_predictions_and_resume_matches_uninterrupted(ws: Workspace) -> None:
     cfg = tiny_config(epochs=3)
     reference = _predictions(train_run(ws, cfg, name="ref", organs=[ORGAN]))
@@ -245,12 +272,17 @@ def test_same_seed_same_predictions_and_resume_matches_uninterrupted(ws: Workspa
     with pytest.raises(InterruptedError):
         train_run(ws, cfg, name="cut", organs=[ORGAN], hooks=Recorder(stop_at=(1, 1)))
     cut_dir = ws.run_dir("cut")
-    assert json.loads((cut_dir / "run.json").read_text())["complete"] is False
-    assert (cut_dir / ORGAN / "fold_1" / "last").exists()
+    # eval sees the interrupted run as partial: listed only when asked for incomplete runs.
+    assert RunFolder(cut_dir).state() == "partial" and load_run(ws, "cut").complete is False
+    assert "cut" not in list_runs(ws) and "cut" in list_runs(ws, complete_only=False)
+    assert RunFolder(cut_dir).fold(ORGAN, 1).state_dir.exists()
     rec = Recorder()
     train_run(ws, cfg, name="cut", organs=[ORGAN], resume=True, hooks=rec)
     assert [(f, e) for f, e, *_ in rec.plans] == [(1, 2)]  # only what was left
     pd.testing.assert_frame_equal(_predictions(cut_dir), reference)
+    # Same seed, same bytes: every prediction file of the resumed run is that of the uninterrupted one.
+    assert _prediction_bytes(cut_dir) == _prediction_bytes(ws.run_dir("ref"))
+    assert RunFolder(cut_dir).state() == "complete" and "cut" in list_runs(ws)
     metrics = pd.read_csv(cut_dir / ORGAN / "fold_1" / "metrics.csv")
     assert list(metrics["epoch"]) == [0, 1, 2]
 
@@ -277,9 +309,16 @@ def test_select_on_patient_keeps_the_epoch_with_the_best_validation_patient_auc(
         assert best == int(metrics.loc[metrics["val_patient_auc"].idxmax(), "epoch"])
 
 
-def test_per_organ_settings_change_that_organ_only(ws: Workspace, real_only) -> None:
-    cfg = tiny_config(organs={"spleen": {"image_size": 24, "trainable_blocks": 1}})
-    run_dir = train_run(ws, cfg, name="per-organ", organs=[ORGAN, "spleen"])
+PER_ORGAN = {"spleen": {"image_size": 24, "trainable_blocks": 1, "aggregate": "topk", "top_k": 2}}
+
+
+@pytest.fixture(scope="module")
+def per_organ(ws: Workspace) -> Path:
+    return train_run(ws, tiny_config(organs=PER_ORGAN), name="per-organ", organs=[ORGAN, "spleen"])
+
+
+def test_per_organ_settings_change_that_organ_only(ws: Workspace, real_only, per_organ) -> None:
+    run_dir = per_organ
     sizes = {o: json.loads((run_dir / o / "fold_0" / "config.json").read_text())["image_size"]
              for o in (ORGAN, "spleen")}
     assert sizes == {ORGAN: 32, "spleen": 24}
@@ -289,6 +328,51 @@ def test_per_organ_settings_change_that_organ_only(ws: Workspace, real_only) -> 
     pd.testing.assert_frame_equal(
         pd.read_csv(run_dir / ORGAN / "test_slices.csv"), pd.read_csv(real_only[0] / ORGAN / "test_slices.csv")
     )
+
+
+def test_what_train_writes_eval_reads_back(ws: Workspace, per_organ: Path, tmp_path: Path) -> None:
+    """The run-folder contract: per-organ settings, checkpoints, predictions and completeness, read by eval."""
+    cfg = tiny_config(organs=PER_ORGAN)
+    run = load_run(ws, "per-organ")
+    assert run.complete and run.organs == [ORGAN, "spleen"] and "per-organ" in list_runs(ws)
+    for organ in (ORGAN, "spleen"):
+        settings = run.organ_settings(organ)
+        assert settings == OrganSettings.from_train(organ_config(cfg, organ).train)
+        # The recorded settings are those the checkpoints were trained with.
+        folds = run.folder.checkpoints(organ)
+        assert [f.fold for f in folds] == [0, 1] and run.has_models(organ)
+        for f in folds:
+            assert json.loads((f.path / "config.json").read_text())["image_size"] == settings.image_size
+        # The patient tables eval reads hold every test patient, the ensemble and each fold.
+        patients = run.table(organ, "test_patients")
+        assert list(patients.columns)[-2:] == ["prob_fold_0", "prob_fold_1"] and run.has_organ(organ)
+        assert set(patients["patient_id"]) == set(run.table(organ, "test_slices")["patient_id"])
+    spleen, liver = run.organ_settings("spleen"), run.organ_settings(ORGAN)
+    assert (spleen.image_size, spleen.trainable_blocks, spleen.aggregate, spleen.top_k) == (24, 1, "topk", 2)
+    assert (liver.image_size, liver.trainable_blocks, liver.aggregate) == (32, -1, "max")
+    # Spleen's patient score is the mean of its 2 highest slices, as recorded.
+    slices = run.table("spleen", "test_slices")
+    top2 = slices.groupby("patient_id")["prob"].agg(lambda p: p.nlargest(2).mean())
+    assert np.allclose(run.table("spleen", "test_patients").set_index("patient_id")["prob"], top2)
+
+    # A run.json from before per-organ settings were recorded reads with the same settings (from config.yaml).
+    old = Workspace(tmp_path)
+    shutil.copytree(per_organ, old.run_dir("per-organ"))
+    folder = RunFolder(old.run_dir("per-organ"))
+    values = json.loads(folder.info_path.read_text())
+    del values["settings"]
+    folder.info_path.write_text(json.dumps(values))
+    assert load_run(old, "per-organ").organ_settings("spleen") == spleen
+    # One without a key eval needs is refused in one line.
+    del values["split_hash"]
+    folder.info_path.write_text(json.dumps(values))
+    with pytest.raises(ToolkitError, match=r"run.json lacks 'split_hash' .* re-run `toolkit train"):
+        load_run(old, "per-organ")
+
+
+def test_organ_settings_cover_every_per_organ_train_key() -> None:
+    per_organ = {f.name for f in dataclasses.fields(TrainConfig)} - set(RUN_LEVEL_TRAIN_KEYS)
+    assert {f.name for f in dataclasses.fields(OrganSettings)} == per_organ
 
 
 def test_bad_inputs_are_one_line_errors(ws: Workspace, tmp_path: Path) -> None:

@@ -31,7 +31,7 @@ from typing import Any, ClassVar
 import yaml
 
 from toolkit import GRADED_ORGANS, ORGANS
-from toolkit.errors import ConfigError
+from toolkit.errors import ConfigError, ContractError
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 """The configs shipped with the package (``demo``, ``default``)."""
@@ -337,29 +337,44 @@ def check_section(section: Any, name: str) -> Any:
 
 
 def _check_across_sections(cfg: Config) -> None:
-    """Rules that tie sections together (what one stage expects of another's output)."""
-    stored = cfg.data.size
-    sizes = [("train.image_size", cfg.train.image_size)]
-    sizes += [(f"train.organs.{organ}.image_size", values["image_size"])
-              for organ, values in cfg.train.organs.items() if "image_size" in values]
-    for key, size in sizes:
-        if size > stored:
-            raise ConfigError(
-                f"{key}={size} is above data.size={stored} (the stored slice size): the classifier would train "
-                f"on upsampled slices; lower {key} to <= {stored} or re-run `toolkit prepare --force` "
-                f"with data.size >= {size}"
-            )
-    if cfg.gen.image_size > stored:
-        raise ConfigError(
-            f"gen.image_size={cfg.gen.image_size} is above data.size={stored} (the stored slice size): the "
-            f"generator would learn upsampled slices; lower gen.image_size to <= {stored} or re-run "
-            f"`toolkit prepare --force` with data.size >= {cfg.gen.image_size}"
-        )
+    """Rules that tie sections together (what one stage expects of another's output).
+
+    Image sizes are checked against the store that exists (:func:`check_image_sizes`), not against
+    ``data.size``: a store may have been prepared with another size than the config now says.
+    """
     if cfg.train.folds is not None and cfg.train.folds > cfg.data.folds:
         raise ConfigError(
             f"train.folds={cfg.train.folds} is above data.folds={cfg.data.folds} (the folds prepare stores); "
             f"lower train.folds or re-run `toolkit prepare --force` with data.folds={cfg.train.folds}"
         )
+
+
+def check_image_sizes(cfg: Config, stored: int, store_dir: Any, stage: str) -> None:
+    """Refuse a classifier or generator size above the stored slice size (it would silently upsample).
+
+    Parameters
+    ----------
+    cfg : Config
+    stored : int
+        Pixels per side of the store's slices (``SliceSet.size[0]``).
+    store_dir : path
+        Named in the message.
+    stage : {"train", "gen"}
+        Which sizes to check: every organ's classifier size, or the generator's.
+    """
+    if stage == "train":
+        sizes = [("train.image_size", cfg.train.image_size)]
+        sizes += [(f"train.organs.{organ}.image_size", values["image_size"])
+                  for organ, values in cfg.train.organs.items() if "image_size" in values]
+    else:
+        sizes = [("gen.image_size", cfg.gen.image_size)]
+    for key, size in sizes:
+        if size > stored:
+            raise ContractError(
+                f"{key}={size} is above the {stored} px slices of the store {store_dir}: the {stage} stage would "
+                f"learn upsampled slices; lower {key} to <= {stored} or re-run `toolkit prepare --force` with "
+                f"data.size >= {size}"
+            )
 
 
 @functools.cache

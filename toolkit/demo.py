@@ -10,7 +10,6 @@ interrupted, so re-running the command after Ctrl-C continues where it stopped.
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 from typing import Annotated
@@ -18,7 +17,17 @@ from typing import Annotated
 import typer
 
 from toolkit import ORGANS
-from toolkit.cli_common import ConfigOpt, ConsoleReporter, SeedOpt, SetOpt, WorkdirOpt, console, handle_errors, setup
+from toolkit.artifacts.run import RunFolder
+from toolkit.cli_common import (
+    ConfigOpt,
+    ConsoleReporter,
+    SeedOpt,
+    SetOpt,
+    WorkdirOpt,
+    console,
+    handle_errors,
+    setup,
+)
 from toolkit.config import Config
 from toolkit.workspace import Workspace
 
@@ -27,19 +36,9 @@ def register(app: typer.Typer) -> None:
     app.command("demo")(demo)
 
 
-def _run_state(run_dir: Path) -> str:
-    """'missing', 'partial' or 'complete' for a classifier run folder."""
-    meta = run_dir / "run.json"
-    if not run_dir.exists():
-        return "missing"
-    if meta.exists() and json.loads(meta.read_text()).get("complete"):
-        return "complete"
-    return "partial"
-
-
 def run_demo(ws: Workspace, cfg: Config, synthetic_ratio: float = 0.5) -> Path:
     """Run every stage that has no output yet; return the report folder."""
-    from eval.compare import compare_runs
+    from eval.compare import compare_runs, report_dir
     from gen.run import generate
     from toolkit.data.phantom import write_phantom
     from toolkit.data.prepare import prepare_store, summarize_store
@@ -82,22 +81,22 @@ def run_demo(ws: Workspace, cfg: Config, synthetic_ratio: float = 0.5) -> Path:
         label = f"4/5 train {name}" if i == 0 else f"4/5 train {name} "
         stage(label)
         run_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, synthetic_ratio=ratio))
-        state = _run_state(ws.run_dir(name))
+        state = RunFolder(ws.run_dir(name)).state()
         if state == "complete":
             console.print(f"run {name} already complete; kept")
         else:
-            train_run(ws, run_cfg, name=name, resume=state == "partial")
+            train_run(ws, run_cfg, name=name, resume=state == "partial", reporter=ConsoleReporter())
         done(label)
 
     stage("5/5 compare")
-    report = compare_runs(ws, cfg, runs=list(names), out_name="demo", force=True)
+    compare_runs(ws, cfg, runs=list(names), out_name="demo", force=True)
     done("5/5 compare")
 
     console.rule("[bold]done")
     for name, seconds in timings.items():
         console.print(f"{name.strip():<28} {seconds:7.1f} s")
     console.print(f"total {sum(timings.values()):.0f} s")
-    return report
+    return report_dir(ws, "demo")
 
 
 @handle_errors

@@ -8,7 +8,17 @@ from typing import Annotated
 import typer
 
 from toolkit import ORGANS
-from toolkit.cli_common import ConfigOpt, ForceOpt, SeedOpt, SetOpt, WorkdirOpt, console, handle_errors, setup
+from toolkit.cli_common import (
+    ConfigOpt,
+    ConsoleReporter,
+    ForceOpt,
+    SeedOpt,
+    SetOpt,
+    WorkdirOpt,
+    console,
+    handle_errors,
+    setup,
+)
 from toolkit.errors import ToolkitError
 
 
@@ -89,7 +99,9 @@ def train(
         }
     }
     ws, cfg = setup(workdir, config, sets, flags, seed)
-    run_dir = train_run(ws, cfg, name=name, organs=organ or None, resume=resume, force=force)
+    run_dir = train_run(
+        ws, cfg, name=name, organs=organ or None, resume=resume, force=force, reporter=ConsoleReporter()
+    )
 
     from rich.table import Table
 

@@ -1,11 +1,14 @@
 """The training loop of one fold, timm ``train.py`` style, on accelerate.
 
-``train_fold`` wires the pieces for one (organ, fold): model, AdamW, a per-step cosine
-schedule, ``accelerator.prepare``, then ``train_one_epoch`` / ``evaluate`` each epoch with
-early stopping on validation AUC. It keeps, in ``fold_dir``:
+``train_fold`` reads top to bottom: :func:`build_fold` wires model, AdamW, a per-step
+cosine schedule and ``accelerator.prepare`` (resuming if a resume state exists); each
+epoch :func:`run_epoch` trains (``train_one_epoch``), scores the validation fold
+(``evaluate``) and logs, :func:`select_epoch` applies early stopping and picks the best
+checkpoint, :func:`save_epoch` writes it; :func:`finish_fold` tests the best checkpoint
+once and writes the summary. The fold folder (:class:`toolkit.artifacts.run.FoldFolder`) keeps:
 
     model.safetensors + config.json   best checkpoint (highest validation AUC)
-    metrics.csv                       epoch, train_loss, val_loss, val_auc, lr, seconds, slices_per_s
+    metrics.csv                       epoch, train_loss, val_loss, val_auc, val_patient_auc, lr, seconds, slices_per_s
     val_predictions.csv               validation slices scored by the best checkpoint
     test_predictions.csv              test slices scored by the best checkpoint, written last (= fold done)
     summary.json                      best epoch, optimizer steps, samples per source
@@ -33,12 +36,12 @@ import numpy as np
 import pandas as pd
 import torch
 from accelerate import Accelerator
-from rich.progress import Progress, TaskID
 from safetensors.torch import load_file, save_file
 from sklearn.metrics import roc_auc_score
 from torch import nn
 from torch.utils.data import DataLoader
 
+from toolkit.artifacts.run import FoldFolder
 from toolkit.config import Config
 from train.balancer import SYNTHETIC
 from train.data import (
@@ -50,10 +53,6 @@ from train.data import (
 )
 from train.inference import patient_scores
 from train.model import WEIGHTS_NAME, create_classifier, save_classifier
-
-METRIC_COLUMNS = ["epoch", "train_loss", "val_loss", "val_auc", "val_patient_auc", "lr", "seconds", "slices_per_s"]
-STATE_DIR = "last"
-DONE_FILE = "test_predictions.csv"
 
 
 class TrainHooks:
@@ -108,8 +107,8 @@ def train_one_epoch(
     scheduler: Any,
     loss_fn: nn.Module,
     accelerator: Accelerator,
-    progress: Progress | None = None,
-    task: TaskID | None = None,
+    progress: Any | None = None,
+    task: Any | None = None,
 ) -> dict[str, float]:
     """One pass over ``loader``: forward, BCE-with-logits, backward, AdamW step, scheduler step.
 
@@ -203,10 +202,6 @@ def _prediction_frame(table: pd.DataFrame, result: dict[str, Any], fold: int) ->
     )
 
 
-def _write_metrics(path: Path, history: list[dict[str, float]]) -> None:
-    pd.DataFrame(history, columns=METRIC_COLUMNS).to_csv(path, index=False)
-
-
 def _save_state(directory: Path, model: nn.Module, optimizer: Any, scheduler: Any, trainer: dict) -> None:
     """Resume state after an epoch; written to a temp folder then renamed so it is never half-written."""
     tmp = directory.with_name(directory.name + ".tmp")
@@ -232,30 +227,41 @@ def _load_state(directory: Path, model: nn.Module, optimizer: Any, scheduler: An
     return trainer
 
 
-def train_fold(
-    accelerator: Accelerator,
-    cfg: Config,
-    data: FoldData,
-    fold_dir: Path,
-    organ_index: int = 0,
-    progress: Progress | None = None,
-    hooks: TrainHooks | None = None,
-) -> dict[str, Any]:
-    """Train, early-stop and test one fold; resumes from ``fold_dir/last`` when it exists.
+# ------------------------------------------------------------------ one fold: build, epoch, select, persist
+def new_trainer_state() -> dict[str, Any]:
+    """The counters a fold keeps between epochs (saved with the resume state as ``trainer.json``)."""
+    return {
+        "epoch": -1,  # last completed epoch
+        "best_score": -math.inf,
+        "best_epoch": -1,
+        "best_val_auc": float("nan"),
+        "bad_epochs": 0,
+        "steps": 0,
+        "samples": 0,
+        "synthetic_samples": 0,
+        "history": [],
+        "stopped_early": False,
+    }
 
-    Returns
-    -------
-    dict
-        The fold's ``summary.json`` content.
-    """
-    hooks = hooks or TrainHooks()
+
+@dataclass
+class FoldParts:
+    """What :func:`build_fold` wires for one fold (model, loaders, optimizer, scheduler after
+    ``accelerator.prepare``) and ``trainer``, the counters of :func:`new_trainer_state`."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    loss_fn: nn.Module
+    train_loader: DataLoader
+    val_loader: DataLoader
+    test_loader: DataLoader
+    trainer: dict[str, Any]
+
+
+def build_fold(accelerator: Accelerator, cfg: Config, data: FoldData, fold: FoldFolder, organ_index: int) -> FoldParts:
+    """Model, loaders, AdamW, a per-step cosine schedule, prepared; resumed from ``fold.state_dir`` if present."""
     tc = cfg.train
-    fold_dir = Path(fold_dir)
-    state_dir = fold_dir / STATE_DIR
-    main = accelerator.is_main_process
-    if main:
-        fold_dir.mkdir(parents=True, exist_ok=True)
-
     torch.manual_seed(seed_for(cfg.seed, organ_index, data.fold))
     model = create_classifier(cfg)
     pcfg = model.pretrained_cfg
@@ -271,112 +277,117 @@ def train_fold(
     # Per-step cosine over the whole fold, counted before prepare (accelerate scales it per process).
     total_steps = tc.epochs * math.ceil(len(data.train_set) / tc.batch_size)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total_steps, 1), eta_min=tc.lr * 0.01)
-    loss_fn = nn.BCEWithLogitsLoss()
     model, optimizer, train_loader, val_loader, test_loader, scheduler = accelerator.prepare(
         model, optimizer, train_loader, val_loader, test_loader, scheduler
     )
+    trainer = new_trainer_state()
+    if fold.state_dir.exists():
+        trainer = _load_state(fold.state_dir, accelerator.unwrap_model(model), optimizer, scheduler)
+    return FoldParts(model, optimizer, scheduler, nn.BCEWithLogitsLoss(), train_loader, val_loader, test_loader,
+                     trainer)
 
-    trainer: dict[str, Any] = {
-        "epoch": -1,  # last completed epoch
-        "best_score": -math.inf,
-        "best_epoch": -1,
-        "best_val_auc": float("nan"),
-        "bad_epochs": 0,
-        "steps": 0,
-        "samples": 0,
-        "synthetic_samples": 0,
-        "history": [],
-        "stopped_early": False,
+
+def run_epoch(
+    accelerator: Accelerator,
+    cfg: Config,
+    data: FoldData,
+    parts: FoldParts,
+    epoch: int,
+    organ_index: int,
+    hooks: TrainHooks,
+    progress: Any | None = None,
+    task: Any | None = None,
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """Train one epoch, score the validation fold, log the epoch into ``parts.trainer``.
+
+    Returns
+    -------
+    row : dict
+        The epoch's ``metrics.csv`` row (:data:`toolkit.artifacts.run.METRIC_COLUMNS`).
+    val : dict
+        :func:`evaluate` of the validation fold, plus ``patient_auc``.
+    """
+    tc = cfg.train
+    start = time.perf_counter()
+    torch.manual_seed(seed_for(cfg.seed, organ_index, data.fold, epoch))
+    # accelerate's loader calls dataset.set_epoch(<its own pass count>) when iterated: set both,
+    # or a resumed fold would replay epoch 0's plan.
+    if hasattr(parts.train_loader, "set_epoch"):
+        parts.train_loader.set_epoch(epoch)
+    data.train_set.set_epoch(epoch)
+    hooks.on_train_epoch(data.organ, data.fold, epoch, data.train_set)
+    lr = parts.optimizer.param_groups[0]["lr"]
+    stats = train_one_epoch(parts.model, parts.train_loader, parts.optimizer, parts.scheduler, parts.loss_fn,
+                            accelerator, progress, task)
+    val = evaluate(parts.model, parts.val_loader, accelerator)
+    hooks.on_evaluate(data.organ, data.fold, "val", val["index"], val["source"])
+    val["patient_auc"] = patient_auc(data.table, val, data.organ, tc.aggregate, tc.top_k)
+    samples = stats["samples"] * accelerator.num_processes
+    row = {
+        "epoch": epoch,
+        "train_loss": stats["loss"],
+        "val_loss": val["loss"],
+        "val_auc": val["auc"],
+        "val_patient_auc": val["patient_auc"],
+        "lr": lr,
+        "seconds": time.perf_counter() - start,
+        "slices_per_s": samples / max(stats["seconds"], 1e-9),
     }
-    if state_dir.exists():
-        trainer = _load_state(state_dir, accelerator.unwrap_model(model), optimizer, scheduler)
+    trainer = parts.trainer
+    trainer["history"].append(row)
+    trainer["steps"] += stats["steps"]
+    trainer["samples"] += samples
+    trainer["synthetic_samples"] += stats["synthetic"] * accelerator.num_processes
+    return row, val
 
-    steps_per_epoch = len(train_loader)
-    task = None
-    if progress is not None:
-        task = progress.add_task(
-            f"{data.organ} fold {data.fold}",
-            total=tc.epochs * steps_per_epoch,
-            completed=(trainer["epoch"] + 1) * steps_per_epoch,
-            info="",
-            visible=main,
-        )
 
-    for epoch in range(trainer["epoch"] + 1, tc.epochs):
-        if trainer["stopped_early"]:
-            break
-        start = time.perf_counter()
-        torch.manual_seed(seed_for(cfg.seed, organ_index, data.fold, epoch))
-        # accelerate's loader calls dataset.set_epoch(<its own pass count>) when iterated: set both,
-        # or a resumed fold would replay epoch 0's plan.
-        if hasattr(train_loader, "set_epoch"):
-            train_loader.set_epoch(epoch)
-        data.train_set.set_epoch(epoch)
-        hooks.on_train_epoch(data.organ, data.fold, epoch, data.train_set)
-        lr = optimizer.param_groups[0]["lr"]
-        stats = train_one_epoch(model, train_loader, optimizer, scheduler, loss_fn, accelerator, progress, task)
-        val = evaluate(model, val_loader, accelerator)
-        hooks.on_evaluate(data.organ, data.fold, "val", val["index"], val["source"])
-        val["patient_auc"] = patient_auc(data.table, val, data.organ, tc.aggregate, tc.top_k)
-        # Validation AUC steers early stopping; without both classes in the fold, validation loss does.
-        watched = val["patient_auc"] if tc.select_on == "patient" else val["auc"]
-        score = watched if not math.isnan(watched) else -val["loss"]
-        improved = score > trainer["best_score"]
-        seconds = time.perf_counter() - start
-        samples = stats["samples"] * accelerator.num_processes
-        row = {
-            "epoch": epoch,
-            "train_loss": stats["loss"],
-            "val_loss": val["loss"],
-            "val_auc": val["auc"],
-            "val_patient_auc": val["patient_auc"],
-            "lr": lr,
-            "seconds": seconds,
-            "slices_per_s": samples / max(stats["seconds"], 1e-9),
-        }
-        trainer["history"].append(row)
-        trainer["steps"] += stats["steps"]
-        trainer["samples"] += samples
-        trainer["synthetic_samples"] += stats["synthetic"] * accelerator.num_processes
-        if improved:
-            trainer.update(best_score=score, best_epoch=epoch, best_val_auc=val["auc"], bad_epochs=0)
-        else:
-            trainer["bad_epochs"] += 1
-            trainer["stopped_early"] = trainer["bad_epochs"] >= tc.patience
-        trainer["epoch"] = epoch
-        if main:
-            if improved:
-                save_classifier(
-                    accelerator.unwrap_model(model),
-                    fold_dir,
-                    extra={
-                        "windows": cfg.data.windows,
-                        "organ": data.organ,
-                        "fold": data.fold,
-                        "epoch": epoch,
-                        "val_auc": val["auc"],
-                    },
-                )
-                _prediction_frame(data.table, val, data.fold).to_csv(fold_dir / "val_predictions.csv", index=False)
-            _write_metrics(fold_dir / "metrics.csv", trainer["history"])
-            _save_state(state_dir, accelerator.unwrap_model(model), optimizer, scheduler, trainer)
-        accelerator.wait_for_everyone()
-        if progress is not None and task is not None:
-            progress.update(
-                task,
-                completed=(epoch + 1) * steps_per_epoch,
-                info=f"loss {stats['loss']:.3f} | val AUC {val['auc']:.3f} | {row['slices_per_s']:.0f} slices/s",
-            )
-        hooks.on_epoch_end(data.organ, data.fold, epoch, row)
+def select_epoch(trainer: dict[str, Any], row: dict[str, float], select_on: str, patience: int) -> bool:
+    """Early stopping and the best checkpoint: is epoch ``row`` the best so far? Updates ``trainer``.
 
-    if progress is not None and task is not None:
-        progress.update(task, completed=tc.epochs * steps_per_epoch)  # full also when stopped early
+    The watched figure is the validation slice AUC (``select_on="slice"``) or patient AUC
+    (``"patient"``); without both classes in the fold (NaN AUC) the validation loss is.
+    ``patience`` epochs without improvement stop the fold.
+    """
+    watched = row["val_patient_auc"] if select_on == "patient" else row["val_auc"]
+    score = watched if not math.isnan(watched) else -row["val_loss"]
+    improved = score > trainer["best_score"]
+    if improved:
+        trainer.update(best_score=score, best_epoch=row["epoch"], best_val_auc=row["val_auc"], bad_epochs=0)
+    else:
+        trainer["bad_epochs"] += 1
+        trainer["stopped_early"] = trainer["bad_epochs"] >= patience
+    trainer["epoch"] = row["epoch"]
+    return improved
 
-    # Test once, with the best checkpoint.
-    best = load_file(str(fold_dir / WEIGHTS_NAME))
-    accelerator.unwrap_model(model).load_state_dict(best)
-    test = evaluate(model, test_loader, accelerator)
+
+def save_epoch(
+    accelerator: Accelerator, cfg: Config, data: FoldData, fold: FoldFolder, parts: FoldParts,
+    val: dict[str, Any], improved: bool,
+) -> None:
+    """After an epoch (main process): the checkpoint and validation predictions when it is the best,
+    metrics.csv, and the resume state."""
+    if not accelerator.is_main_process:
+        return
+    model = accelerator.unwrap_model(parts.model)
+    epoch = parts.trainer["epoch"]
+    if improved:
+        extra = {"windows": cfg.data.windows, "organ": data.organ, "fold": data.fold, "epoch": epoch,
+                 "val_auc": val["auc"]}
+        save_classifier(model, fold.path, extra=extra)
+        fold.write_predictions("val", _prediction_frame(data.table, val, data.fold))
+    fold.write_metrics(parts.trainer["history"])
+    _save_state(fold.state_dir, model, parts.optimizer, parts.scheduler, parts.trainer)
+
+
+def finish_fold(
+    accelerator: Accelerator, data: FoldData, fold: FoldFolder, parts: FoldParts, hooks: TrainHooks
+) -> dict[str, Any]:
+    """Score the test set once, with the best checkpoint; write summary.json and the test predictions
+    (last: they mark the fold done) and drop the resume state. Returns the summary."""
+    accelerator.unwrap_model(parts.model).load_state_dict(load_file(str(fold.path / WEIGHTS_NAME)))
+    test = evaluate(parts.model, parts.test_loader, accelerator)
     hooks.on_evaluate(data.organ, data.fold, "test", test["index"], test["source"])
+    trainer = parts.trainer
     summary = {
         "organ": data.organ,
         "fold": data.fold,
@@ -391,12 +402,63 @@ def train_fold(
         "val_slices": int(len(data.val_set)),
         "test_slices": int(len(data.test_set)),
     }
-    if main:
-        (fold_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        frame = _prediction_frame(data.table, test, data.fold)
-        frame.to_csv(fold_dir / (DONE_FILE + ".tmp"), index=False)
-        (fold_dir / (DONE_FILE + ".tmp")).replace(fold_dir / DONE_FILE)
-        shutil.rmtree(state_dir, ignore_errors=True)
+    if accelerator.is_main_process:
+        fold.write_summary(summary)
+        fold.write_predictions("test", _prediction_frame(data.table, test, data.fold))
+        shutil.rmtree(fold.state_dir, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.free_memory()
     return summary
+
+
+def train_fold(
+    accelerator: Accelerator,
+    cfg: Config,
+    data: FoldData,
+    fold: FoldFolder,
+    organ_index: int = 0,
+    progress: Any | None = None,
+    hooks: TrainHooks | None = None,
+) -> dict[str, Any]:
+    """Train, early-stop and test one fold; resumes from ``fold.state_dir`` when it exists.
+
+    Parameters
+    ----------
+    fold : FoldFolder
+        Where the fold's files go (``RunFolder.fold(organ, k)``).
+    progress : progress object, optional
+        ``reporter.progress()``'s object: one bar per fold, in optimizer steps.
+
+    Returns
+    -------
+    dict
+        The fold's ``summary.json`` content.
+    """
+    hooks = hooks or TrainHooks()
+    tc = cfg.train
+    if accelerator.is_main_process:
+        fold.path.mkdir(parents=True, exist_ok=True)
+    parts = build_fold(accelerator, cfg, data, fold, organ_index)
+    steps_per_epoch = len(parts.train_loader)
+    task = None
+    if progress is not None:
+        task = progress.add_task(f"{data.organ} fold {data.fold}", total=tc.epochs * steps_per_epoch,
+                                 completed=(parts.trainer["epoch"] + 1) * steps_per_epoch, info="",
+                                 visible=accelerator.is_main_process)
+
+    for epoch in range(parts.trainer["epoch"] + 1, tc.epochs):
+        if parts.trainer["stopped_early"]:
+            break
+        row, val = run_epoch(accelerator, cfg, data, parts, epoch, organ_index, hooks, progress, task)
+        improved = select_epoch(parts.trainer, row, tc.select_on, tc.patience)
+        save_epoch(accelerator, cfg, data, fold, parts, val, improved)
+        accelerator.wait_for_everyone()
+        if task is not None:
+            progress.update(task, completed=(epoch + 1) * steps_per_epoch,
+                            info=f"loss {row['train_loss']:.3f} | val AUC {row['val_auc']:.3f} | "
+                                 f"{row['slices_per_s']:.0f} slices/s")
+        hooks.on_epoch_end(data.organ, data.fold, epoch, row)
+
+    if task is not None:
+        progress.update(task, completed=tc.epochs * steps_per_epoch)  # full also when stopped early
+    return finish_fold(accelerator, data, fold, parts, hooks)

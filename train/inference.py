@@ -8,7 +8,6 @@ normalise with the checkpoint's ``mean``/``std``.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from toolkit.artifacts.run import RunFolder
 from toolkit.errors import ToolkitError
 from toolkit.transforms import window_hu
 from train.data import resize_hu
@@ -79,15 +79,13 @@ def patient_scores(
 
 def load_fold_models(run_dir: Path, organ: str) -> list[nn.Module]:
     """Every fold's best checkpoint of ``organ`` in a run, ordered by fold (CPU, eval mode)."""
-    organ_dir = Path(run_dir) / organ
-    folds = sorted(
-        (int(m.group(1)), p)
-        for p in organ_dir.glob("fold_*")
-        if (m := re.fullmatch(r"fold_(\d+)", p.name)) and (p / "model.safetensors").exists()
-    )
+    folder = RunFolder(run_dir)
+    folds = folder.checkpoints(organ)
     if not folds:
-        raise ToolkitError(f"no fold checkpoints for {organ} in {organ_dir}: run `toolkit train --organ {organ}`")
-    return [load_classifier(p) for _, p in folds]
+        raise ToolkitError(
+            f"no fold checkpoints for {organ} in {folder.organ_dir(organ)}: run `toolkit train --organ {organ}`"
+        )
+    return [load_classifier(f.path) for f in folds]
 
 
 def default_device() -> torch.device:

@@ -9,19 +9,11 @@ refused. For fold ``k`` the classifier trains on the real slices of every other 
 (+ synthetic slices, see :mod:`train.balancer`), early-stops on fold ``k``'s slices, and
 finally scores every test slice.
 
-Output (read by ``toolkit compare``; do not change without it)::
-
-    runs/<name>/config.yaml            resolved config
-    runs/<name>/run.json               name, split_hash, synthetic_ratio, seed, folds, organs, model,
-                                       image_size, windows, epoch_size, epochs, generators, complete
-    runs/<name>/<organ>/fold_<k>/model.safetensors + config.json      best checkpoint of fold k
-    runs/<name>/<organ>/fold_<k>/metrics.csv    epoch, train_loss, val_loss, val_auc, lr, seconds, slices_per_s
-    runs/<name>/<organ>/learning_curve.png      train/val loss and val AUC per epoch, one line per fold
-    runs/<name>/<organ>/oof.csv                 patient_id, series_id, instance, fold, label, prob
-    runs/<name>/<organ>/test_folds.csv          patient_id, series_id, instance, label, fold, prob
-    runs/<name>/<organ>/test_slices.csv         patient_id, series_id, instance, label, prob (mean over folds)
-    runs/<name>/<organ>/test_patients.csv       patient_id, label, grade, prob, prob_fold_0..prob_fold_{K-1}
-    runs/<name>/<organ>/oof_patients.csv        patient_id, fold, label, grade, prob
+Output: the run folder, :mod:`toolkit.artifacts.run` (its one definition; ``toolkit compare``,
+``predict``, ``explain`` read it through the same module). Per organ, the folds' prediction
+files are gathered into ``oof.csv``, ``oof_patients.csv``, ``test_folds.csv``,
+``test_slices.csv`` and ``test_patients.csv``; ``run.json`` records each organ's resolved
+settings (``train`` plus its ``train.organs`` override).
 
 Slice files use the slice label; patient files the patient label (``<organ>_patient > 0``)
 and grade. A patient's ``prob`` aggregates its slice probabilities (``cfg.train.aggregate``:
@@ -42,21 +34,20 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-import yaml
 
 from toolkit import ORGANS
+from toolkit.artifacts.run import RunFolder, RunInfo
 from toolkit.artifacts.synthetic import SyntheticSet
-from toolkit.config import Config, organ_config, save_config, validate
+from toolkit.config import Config, check_image_sizes, organ_config, save_config, validate
 from toolkit.errors import ToolkitError
 from toolkit.reporting import Reporter, as_reporter
 from toolkit.sliceset import MANIFEST_FILE, SliceSet
 from toolkit.workspace import Workspace
 from train.balancer import REAL, Balancer, series_position
 from train.data import BalancedEpochDataset, SliceDataset, resize_hu
-from train.engine import DONE_FILE, FoldData, TrainHooks, binary_auc, train_fold
+from train.engine import FoldData, TrainHooks, binary_auc, train_fold
 from train.inference import patient_scores
 
-RUN_FILE = "run.json"
 # Settings a resumed run must share with the interrupted one (else its folds would differ).
 _RESUME_IGNORES = ("num_workers",)
 
@@ -169,26 +160,27 @@ def _comparable(cfg_dict: dict[str, Any]) -> dict[str, Any]:
     return {"seed": cfg_dict["seed"], "windows": cfg_dict["data"]["windows"], "train": train}
 
 
-def _open_run_dir(run_dir: Path, cfg: Config, resume: bool, force: bool, main: bool = True) -> list[str]:
-    """Check that ``run_dir`` may be (re)used; return the organs an interrupted run already listed.
+def _open_run_dir(folder: RunFolder, cfg: Config, resume: bool, force: bool, main: bool = True) -> RunInfo | None:
+    """Check that the run folder may be (re)used; return the info of the run it continues, if any.
 
     Every process runs the checks (so all raise alike); only the ``main`` one deletes.
     """
+    run_dir = folder.path
     if resume and force:
         raise ToolkitError("pass either --resume (continue the run) or --force (start it over), not both")
     if not run_dir.exists() or not any(run_dir.iterdir()):
-        return []
+        return None
     if force:
         if main:
             shutil.rmtree(run_dir)
-        return []
+        return None
     if not resume:
         raise ToolkitError(
             f"run '{run_dir.name}' already exists in {run_dir.parent}: pass --resume to continue it, "
             "--force to overwrite it, or --name to start another"
         )
-    saved = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").exists() else None
-    if saved is None:
+    saved = folder.read_config()
+    if not saved:
         raise ToolkitError(f"{run_dir} has no config.yaml to resume from; pass --force to start it over")
     old, new = _comparable(saved), _comparable(cfg.to_dict())
     for key in ("seed", "windows"):
@@ -200,14 +192,7 @@ def _open_run_dir(run_dir: Path, cfg: Config, resume: bool, force: bool, main: b
                 f"cannot resume run '{run_dir.name}': train.{key} was {old['train'].get(key)}, now {value}; "
                 "use the same settings or --force"
             )
-    run = json.loads((run_dir / RUN_FILE).read_text()) if (run_dir / RUN_FILE).exists() else {}
-    return list(run.get("organs", []))
-
-
-def _write_run_json(run_dir: Path, info: dict[str, Any]) -> None:
-    tmp = run_dir / (RUN_FILE + ".tmp")
-    tmp.write_text(json.dumps(info, indent=2, default=str))
-    tmp.replace(run_dir / RUN_FILE)
+    return folder.read_info() if folder.exists else None
 
 
 @contextlib.contextmanager
@@ -231,6 +216,7 @@ def train_run(
     resume: bool = False,
     force: bool = False,
     hooks: TrainHooks | None = None,
+    reporter: Reporter | None = None,
 ) -> Path:
     """Train every (organ, fold) of one run and write the run folder (see module docstring).
 
@@ -251,6 +237,8 @@ def train_run(
         Delete an existing run of that name first.
     hooks : TrainHooks, optional
         Callbacks into the training loop.
+    reporter : Reporter, optional
+        Progress (one bar per organ and fold) and messages; default: the logging reporter.
 
     Returns
     -------
@@ -258,8 +246,6 @@ def train_run(
         The run folder.
     """
     from accelerate import Accelerator
-
-    from toolkit.cli_common import make_progress
 
     cfg = validate(cfg)  # the checks load_config ran, for a Config built in code
     tc = cfg.train
@@ -272,6 +258,7 @@ def train_run(
         raise ToolkitError(f"no slice store in {ws.store_dir}: run `toolkit prepare` first")
     store = SliceSet.load(ws.store_dir)
     check_store(store, organs, ws.store_dir)
+    check_image_sizes(cfg, store.size[0], ws.store_dir, "train")
     n_folds, fold_of = resolve_folds(store.table, tc.folds)
     split_hash = store.meta.get("split_hash")
 
@@ -287,37 +274,30 @@ def train_run(
         pools = {
             o: load_synthetic_pool(
                 ws, o, split_hash, organ_cfgs[o].train.image_size, cfg.data.windows,
-                allow_resize=organ_cfgs[o].train.synthetic_resize,
+                allow_resize=organ_cfgs[o].train.synthetic_resize, reporter=reporter,
             )
             for o in organs
         }
 
-    run_dir = ws.run_dir(name)
-    previous_organs = _open_run_dir(run_dir, cfg, resume, force, main)
+    folder = RunFolder(ws.run_dir(name))
+    previous = _open_run_dir(folder, cfg, resume, force, main)
     accelerator.wait_for_everyone()
-    listed = [o for o in ORGANS if o in set(organs) | set(previous_organs)]
-    info = {
-        "name": name,
-        "split_hash": split_hash,
-        "synthetic_ratio": tc.synthetic_ratio,
-        "seed": cfg.seed,
-        "folds": n_folds,
-        "organs": listed,
-        "model": tc.model,
-        "image_size": tc.image_size,
-        "windows": cfg.data.windows,
-        "epoch_size": tc.epoch_size,
-        "epochs": tc.epochs,
-        "generators": {o: p.info for o, p in pools.items()},
-        "complete": False,
-    }
+    info = RunInfo.from_config(
+        name,
+        cfg,
+        split_hash=split_hash,
+        folds=n_folds,
+        organs=[o for o in ORGANS if o in set(organs) | set(previous.organs if previous else [])],
+        organ_train={o: c.train for o, c in organ_cfgs.items()},
+        generators={o: p.info for o, p in pools.items()},
+    )
+    if previous is not None:  # keep the records of organs trained earlier
+        info.generators = {**previous.generators, **info.generators}
+        info.settings = {**previous.settings, **info.settings}
     if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if (run_dir / RUN_FILE).exists():  # keep generator records of organs trained earlier
-            info["generators"] = {**json.loads((run_dir / RUN_FILE).read_text()).get("generators", {}),
-                                  **info["generators"]}
-        save_config(cfg, run_dir / "config.yaml")
-        _write_run_json(run_dir, info)
+        folder.path.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, folder.config_path)
+        folder.write_info(info)
 
     table = store.table
     is_train = table["split"].to_numpy() == "train"
@@ -326,19 +306,18 @@ def train_run(
     resized: dict[int, np.ndarray] = {}
     position = series_position(table["series_id"].to_numpy(), table["z"].to_numpy())
 
-    with _deterministic(accelerator.device.type == "cpu"), make_progress() as progress:
+    with _deterministic(accelerator.device.type == "cpu"), as_reporter(reporter).progress() as progress:
         for organ in organs:
             ocfg = organ_cfgs[organ]
             otc = ocfg.train
             if otc.image_size not in resized:
                 resized[otc.image_size] = resize_hu(store.images, otc.image_size)
             real = resized[otc.image_size]
-            organ_dir = run_dir / organ
             labels = store.labels(organ, "slice")
             pool = pools.get(organ)
             for k in range(n_folds):
-                fold_dir = organ_dir / f"fold_{k}"
-                if (fold_dir / DONE_FILE).exists():
+                fold = folder.fold(organ, k)
+                if fold.done:
                     continue
                 train_rows = np.flatnonzero(is_train & (fold_of != k))
                 val_rows = np.flatnonzero(is_train & (fold_of == k))
@@ -364,16 +343,16 @@ def train_run(
                     test_set=_real_set(real, test_rows, labels),
                     table=table,
                 )
-                train_fold(accelerator, ocfg, data, fold_dir, ORGANS.index(organ), progress, hooks)
+                train_fold(accelerator, ocfg, data, fold, ORGANS.index(organ), progress, hooks)
             if main:
-                write_organ_outputs(organ_dir, organ, table, n_folds, otc.aggregate, otc.top_k)
-                plot_learning_curve(organ_dir, organ, n_folds)
+                write_organ_outputs(folder, organ, table, n_folds, otc.aggregate, otc.top_k)
+                plot_learning_curve(folder, organ, n_folds)
             accelerator.wait_for_everyone()
 
     if main:
-        info["complete"] = all((run_dir / o / "test_patients.csv").exists() for o in listed)
-        _write_run_json(run_dir, info)
-    return run_dir
+        info.complete = all(folder.has_table(o, "test_patients") for o in info.organs)
+        folder.write_info(info)
+    return folder.path
 
 
 def _real_set(real: np.ndarray, rows: np.ndarray, labels: np.ndarray) -> SliceDataset:
@@ -387,19 +366,30 @@ def _patient_truth(table: pd.DataFrame, organ: str) -> pd.DataFrame:
 
 
 def write_organ_outputs(
-    organ_dir: Path, organ: str, table: pd.DataFrame, n_folds: int, aggregate: str, top_k: int
+    folder: RunFolder, organ: str, table: pd.DataFrame, n_folds: int, aggregate: str, top_k: int
 ) -> None:
-    """Gather the folds' prediction files into the organ's slice- and patient-level CSVs."""
-    folds = range(n_folds)
-    val = pd.concat([pd.read_csv(organ_dir / f"fold_{k}" / "val_predictions.csv") for k in folds])
-    test = pd.concat([pd.read_csv(organ_dir / f"fold_{k}" / DONE_FILE) for k in folds])
+    """Gather the folds' prediction files into the organ's slice- and patient-level tables.
+
+    Parameters
+    ----------
+    folder : RunFolder
+        Reads ``<organ>/fold_<k>/{val,test}_predictions.csv``, writes the organ's tables.
+    organ : str
+    table : DataFrame
+        The store's manifest (``patient_id`` and ``<organ>_patient``: the patient truth).
+    n_folds : int
+    aggregate, top_k
+        The organ's slice-to-patient rule (:func:`train.inference.patient_scores`).
+    """
+    folds = [folder.fold(organ, k) for k in range(n_folds)]
+    val = pd.concat([f.read_predictions("val") for f in folds])
+    test = pd.concat([f.read_predictions("test") for f in folds])
     truth = _patient_truth(table, organ)
-    keys = ["patient_id", "series_id", "instance"]
 
     val = val.sort_values(["fold", "row"])
-    val[[*keys, "fold", "label", "prob"]].to_csv(organ_dir / "oof.csv", index=False)
+    folder.write_table(organ, "oof", val)
     test = test.sort_values(["row", "fold"])
-    test[[*keys, "label", "fold", "prob"]].to_csv(organ_dir / "test_folds.csv", index=False)
+    folder.write_table(organ, "test_folds", test)
     ensemble = test.groupby("row", sort=True).agg(
         patient_id=("patient_id", "first"),
         series_id=("series_id", "first"),
@@ -407,21 +397,21 @@ def write_organ_outputs(
         label=("label", "first"),
         prob=("prob", "mean"),
     )
-    ensemble[[*keys, "label", "prob"]].to_csv(organ_dir / "test_slices.csv", index=False)
+    folder.write_table(organ, "test_slices", ensemble)
 
     prob = patient_scores(ensemble, aggregate, top_k)
     per_fold = patient_scores(test, aggregate, top_k, by=("patient_id", "fold")).unstack("fold")
     patients = truth.loc[prob.index].assign(prob=prob)
-    for k in folds:
-        patients[f"prob_fold_{k}"] = per_fold[k]
-    patients.rename_axis("patient_id").reset_index().to_csv(organ_dir / "test_patients.csv", index=False)
+    fold_columns = [f"prob_fold_{k}" for k in range(n_folds)]
+    for k, column in enumerate(fold_columns):
+        patients[column] = per_fold[k]
+    folder.write_table(organ, "test_patients", patients.rename_axis("patient_id").reset_index(), extra=fold_columns)
 
     oof = patient_scores(val, aggregate, top_k, by=("patient_id", "fold")).rename("prob").reset_index()
-    oof = oof.join(truth, on="patient_id")[["patient_id", "fold", "label", "grade", "prob"]]
-    oof.to_csv(organ_dir / "oof_patients.csv", index=False)
+    folder.write_table(organ, "oof_patients", oof.join(truth, on="patient_id"))
 
 
-def plot_learning_curve(organ_dir: Path, organ: str, n_folds: int) -> Path:
+def plot_learning_curve(folder: RunFolder, organ: str, n_folds: int) -> Path:
     """``learning_curve.png``: train/val loss and validation slice and patient AUC per epoch, one colour per fold."""
     import matplotlib
 
@@ -430,7 +420,7 @@ def plot_learning_curve(organ_dir: Path, organ: str, n_folds: int) -> Path:
 
     fig, (ax_loss, ax_auc) = plt.subplots(1, 2, figsize=(10, 4))
     for k in range(n_folds):
-        metrics = pd.read_csv(organ_dir / f"fold_{k}" / "metrics.csv")
+        metrics = folder.fold(organ, k).read_metrics()
         color = f"C{k}"
         ax_loss.plot(metrics["epoch"], metrics["train_loss"], "--", color=color, label=f"fold {k} train")
         ax_loss.plot(metrics["epoch"], metrics["val_loss"], "-", color=color, label=f"fold {k} val")
@@ -442,7 +432,7 @@ def plot_learning_curve(organ_dir: Path, organ: str, n_folds: int) -> Path:
     ax_loss.legend(fontsize=7)
     ax_auc.legend(fontsize=7)
     fig.tight_layout()
-    path = organ_dir / "learning_curve.png"
+    path = folder.learning_curve_path(organ)
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
@@ -459,13 +449,12 @@ class OrganSummary:
 
 def summarize_run(run_dir: Path) -> list[OrganSummary]:
     """Patient-level test AUC of the fold ensemble and the mean single-fold AUC, per organ."""
-    run = json.loads((Path(run_dir) / RUN_FILE).read_text())
+    folder = RunFolder(run_dir)
     out = []
-    for organ in run["organs"]:
-        path = Path(run_dir) / organ / "test_patients.csv"
-        if not path.exists():
+    for organ in folder.read_info().organs:
+        df = folder.read_table(organ, "test_patients", required=False)
+        if df is None:
             continue
-        df = pd.read_csv(path)
         fold_cols = [c for c in df.columns if c.startswith("prob_fold_")]
         fold_aucs = [binary_auc(df["label"], df[c]) for c in fold_cols]
         out.append(
