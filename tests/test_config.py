@@ -181,6 +181,7 @@ def test_train_folds_above_the_stored_folds_is_refused():
 # ------------------------------------------------------------------ per-organ settings
 def test_one_organ_rule_for_configs_and_saved_config_dicts():
     from eval.runs import Run
+    from toolkit.artifacts.run import RunFolder, RunInfo
 
     cfg = load("demo")
     kidney, liver = organ_config(cfg, "kidney").train, organ_config(cfg, "liver").train
@@ -190,7 +191,9 @@ def test_one_organ_rule_for_configs_and_saved_config_dicts():
     assert organ_train_settings(saved, "kidney") == {
         k: v for k, v in dataclasses.asdict(kidney).items() if k != "organs"
     }
-    run = Run("r", Path("."), meta={"image_size": 64}, config={"train": saved})
+    # An old run.json without per-organ settings: eval rebuilds them from config.yaml with the same rule.
+    info = RunInfo("r", None, 0.0, 0, 3, ["kidney", "liver"], "mobilenetv2_100", 64, [[60, 200]], 384, 8)
+    run = Run("r", RunFolder(Path(".")), info, config={"train": saved})
     assert run.organ_setting("kidney", "image_size") == 128 and run.image_size("liver") == 64
     assert run.organ_setting(None, "trainable_blocks") == 3 and run.organ_setting("kidney", "trainable_blocks") == -1
     from train.run import organ_config as from_train

@@ -90,6 +90,7 @@ class OrganSettings:
     aggregate: str
     top_k: int
     mixed_precision: str
+    synthetic_resize: bool = False  # added later: older run.json files lack it
 
     @classmethod
     def from_train(cls, train: TrainConfig) -> OrganSettings:
