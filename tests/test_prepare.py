@@ -247,14 +247,14 @@ def test_corrupt_files_are_skipped_and_listed(tmp_path: Path) -> None:
 
 
 def test_labels_without_images_and_images_without_labels_warn(
-    tmp_path: Path, capsys: pytest.CaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     src = make_rsna(tmp_path / "data", slices=2, size=8)
     train = pd.read_csv(src / "train.csv")
     extra = train.iloc[[0]].assign(patient_id=999)
     pd.concat([train[train["patient_id"] != 102], extra]).to_csv(src / "train.csv", index=False)
     store = prepare_store(src, tmp_path / "store", tiny_cfg(size=8))
-    err = capsys.readouterr().err
+    err = caplog.text
     assert "1 patient(s) in train.csv have no series under train_images/" in err and "999" in err
     assert "1 patient(s) have images but no row in train.csv" in err and "102" in err
     assert set(store.table["patient_id"]) == set(GRADES) - {102}
@@ -262,12 +262,12 @@ def test_labels_without_images_and_images_without_labels_warn(
 
 
 def test_missing_series_meta_infers_series_from_folders(
-    tmp_path: Path, capsys: pytest.CaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     src = make_rsna(tmp_path / "data", slices=2, size=8)
     (src / "train_series_meta.csv").unlink()
     store = prepare_store(src, tmp_path / "store", tiny_cfg(size=8))
-    assert "train_series_meta.csv not found" in capsys.readouterr().err
+    assert "train_series_meta.csv not found" in caplog.text
     assert store.table["series_id"].nunique() == 9 and store.table["aortic_hu"].isna().all()
 
 

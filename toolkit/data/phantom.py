@@ -50,6 +50,7 @@ from toolkit.data.phantom_anatomy import (
 )
 from toolkit.data.phantom_rle import encode_rle_frames
 from toolkit.errors import ToolkitError
+from toolkit.reporting import Reporter, as_reporter
 
 __all__ = [
     "IDENTIFYING_TAGS",
@@ -482,7 +483,9 @@ def _prepare_out_dir(out_dir: Path, force: bool) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
 
 
-def write_phantom(out_dir: Path, cfg: PhantomConfig, seed: int = 0, force: bool = False) -> dict:
+def write_phantom(
+    out_dir: Path, cfg: PhantomConfig, seed: int = 0, force: bool = False, reporter: Reporter | None = None
+) -> dict:
     """Write the CT trauma phantom in the RSNA 2023 Abdominal Trauma Detection layout.
 
     Parameters
@@ -498,6 +501,9 @@ def write_phantom(out_dir: Path, cfg: PhantomConfig, seed: int = 0, force: bool 
         Same seed, same bytes: CSVs, pixel data and DICOM UIDs.
     force : bool, default=False
         Replace a dataset already in ``out_dir``; without it that raises :class:`ToolkitError`.
+    reporter : Reporter, optional
+        Shows progress per patient (default: none); the CLI passes
+        :class:`toolkit.cli_common.ConsoleReporter`.
 
     Returns
     -------
@@ -511,10 +517,8 @@ def write_phantom(out_dir: Path, cfg: PhantomConfig, seed: int = 0, force: bool 
     _prepare_out_dir(out_dir, force)
     plans = _plan_cohort(cfg, seed)
 
-    from toolkit.cli_common import make_progress
-
     results: list[tuple[_PatientPlan, list[_SeriesResult]]] = []
-    with make_progress() as progress:
+    with as_reporter(reporter).progress() as progress:
         task = progress.add_task("phantom", total=len(plans), info="")
         n_slices = 0
         for plan in plans:

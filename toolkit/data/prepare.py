@@ -51,6 +51,7 @@ from toolkit.data.labels import (
 )
 from toolkit.data.split import split_hash, split_patients
 from toolkit.errors import ToolkitError
+from toolkit.reporting import Reporter, as_reporter
 from toolkit.sliceset import FIELD_COLUMNS, IMAGES_FILE, MANIFEST_FILE, META_FILE, SliceSet, organ_columns
 
 IMAGES_DIR = "train_images"
@@ -65,12 +66,6 @@ SLICE_LABEL_RULE = (
     "else the patient grade; kidney/liver/spleen: the patient grade (at least 1) on instances listed as "
     "Kidney/Liver/Spleen where the series has rows for that organ, 0 on its other slices, else the patient grade"
 )
-
-
-def _warn(message: str) -> None:
-    from toolkit.cli_common import console
-
-    console.print(f"[yellow]warning: {message}", highlight=False, soft_wrap=True)
 
 
 def _first(ids: Iterable[object], k: int = 5) -> str:
@@ -100,7 +95,7 @@ class _Inputs:
     dropped: dict[str, int] = field(default_factory=dict)
 
 
-def _int_dirs(folder: Path, what: str) -> dict[int, Path]:
+def _int_dirs(folder: Path, what: str, reporter: Reporter) -> dict[int, Path]:
     dirs, odd = {}, []
     for p in sorted(folder.iterdir()):
         if not p.is_dir() or p.name.startswith("."):
@@ -110,11 +105,11 @@ def _int_dirs(folder: Path, what: str) -> dict[int, Path]:
         else:
             odd.append(p.name)
     if odd:
-        _warn(f"{folder}: ignored {len(odd)} folder(s) not named by an integer {what}: {_first(odd)}")
+        reporter.warn(f"{folder}: ignored {len(odd)} folder(s) not named by an integer {what}: {_first(odd)}")
     return dirs
 
 
-def _read_inputs(source: Path) -> _Inputs:
+def _read_inputs(source: Path, reporter: Reporter) -> _Inputs:
     if not source.is_dir():
         raise ToolkitError(
             f"source folder {source} does not exist; run `toolkit demo-data` or pass --source <RSNA folder>"
@@ -138,8 +133,8 @@ def _read_inputs(source: Path) -> _Inputs:
 
     # Every series folder on disk, with its files (also the source checksum's file list).
     on_disk: dict[tuple[int, int], _Series] = {}
-    for pid, pdir in _int_dirs(images_dir, "patient_id").items():
-        for sid, sdir in _int_dirs(pdir, "series_id").items():
+    for pid, pdir in _int_dirs(images_dir, "patient_id", reporter).items():
+        for sid, sdir in _int_dirs(pdir, "series_id", reporter).items():
             on_disk[(pid, sid)] = _Series(pid, sid, sdir, series_files(sdir))
     rel = sorted(f.relative_to(source).as_posix() for s in on_disk.values() for f in s.files)
     files_digest = hashlib.sha256("\n".join(rel).encode()).hexdigest()
@@ -156,20 +151,20 @@ def _read_inputs(source: Path) -> _Inputs:
         listed = set(zip(meta["patient_id"], meta["series_id"], strict=True))
         unlisted = sorted(set(on_disk) - listed)
         if unlisted:
-            _warn(
+            reporter.warn(
                 f"{len(unlisted)} series folder(s) are not in {SERIES_META_CSV} and are ignored: "
                 f"{_first(f'{IMAGES_DIR}/{p}/{s}' for p, s in unlisted)}"
             )
         absent = sorted(listed - set(on_disk))
         if absent:
-            _warn(
+            reporter.warn(
                 f"{len(absent)} series in {SERIES_META_CSV} have no folder under {IMAGES_DIR}/ and are "
                 f"left out: {_first(f'{p}/{s}' for p, s in absent)}"
             )
         dropped["series_without_images"] = len(absent)
         keys = sorted(listed & set(on_disk))
     else:
-        _warn(
+        reporter.warn(
             f"{meta_csv} not found; taking series from the {IMAGES_DIR}/<patient_id>/<series_id>/ folders "
             "and leaving aortic_hu and incomplete_organ empty"
         )
@@ -187,13 +182,13 @@ def _read_inputs(source: Path) -> _Inputs:
     with_images = {p for p, _ in keys}
     no_images = sorted(labelled - with_images)
     if no_images:
-        _warn(
+        reporter.warn(
             f"{len(no_images)} patient(s) in {TRAIN_CSV} have no series under {IMAGES_DIR}/ and are "
             f"left out: patient_id {_first(no_images)}"
         )
     no_labels = sorted(with_images - labelled)
     if no_labels:
-        _warn(
+        reporter.warn(
             f"{len(no_labels)} patient(s) have images but no row in {TRAIN_CSV} and are left out: "
             f"patient_id {_first(no_labels)}"
         )
@@ -214,7 +209,7 @@ def _read_inputs(source: Path) -> _Inputs:
     if labels_csv.is_file():
         image_labels, unknown = read_image_labels(labels_csv)
         if unknown:
-            _warn(f"{labels_csv}: ignored rows with unknown injury_name {_first(unknown)}")
+            reporter.warn(f"{labels_csv}: ignored rows with unknown injury_name {_first(unknown)}")
     return _Inputs(
         grades=grades,
         meta=meta,
@@ -273,7 +268,7 @@ def _partial_settings(size: int, slices: int, crop_body: bool, files_digest: str
     return {"size": int(size), "slices_per_series": int(slices), "crop_body": bool(crop_body), "files": files_digest}
 
 
-def _prepare_partial(partial: Path, settings: dict) -> None:
+def _prepare_partial(partial: Path, settings: dict, reporter: Reporter) -> None:
     """Create ``.partial``; drop finished series of a run with other settings (they would not match)."""
     partial.mkdir(parents=True, exist_ok=True)
     settings_file = partial / "settings.json"
@@ -285,15 +280,13 @@ def _prepare_partial(partial: Path, settings: dict) -> None:
         if old != settings:
             stale = list(partial.glob("*.npz"))
             if stale:
-                _warn(f"discarding {len(stale)} series read by an earlier run with other settings")
+                reporter.warn(f"discarding {len(stale)} series read by an earlier run with other settings")
             for p in stale:
                 p.unlink()
     settings_file.write_text(json.dumps(settings))
 
 
-def _run_tasks(tasks: list[dict], workers: int, n_done: int, n_total: int) -> None:
-    from toolkit.cli_common import make_progress
-
+def _run_tasks(tasks: list[dict], workers: int, n_done: int, n_total: int, reporter: Reporter) -> None:
     workers = max(1, min(workers, len(tasks)))
     pool = None
     futures: dict = {}
@@ -306,7 +299,7 @@ def _run_tasks(tasks: list[dict], workers: int, n_done: int, n_total: int) -> No
         futures = {pool.submit(_ingest_series, t): t["label"] for t in tasks}
     label = ""
     try:
-        with make_progress() as progress:
+        with reporter.progress() as progress:
             bar = progress.add_task("reading series", total=n_total, completed=n_done)
             if pool is None:
                 for t in tasks:
@@ -380,7 +373,9 @@ def _spacing_summary(spacing: np.ndarray, field_side: np.ndarray, size: int) -> 
     }
 
 
-def prepare_store(source: Path, out: Path, cfg: Config, force: bool = False) -> SliceSet:
+def prepare_store(
+    source: Path, out: Path, cfg: Config, force: bool = False, reporter: Reporter | None = None
+) -> SliceSet:
     """Read an RSNA-layout folder into a slice store with a patient-level split.
 
     Parameters
@@ -393,6 +388,9 @@ def prepare_store(source: Path, out: Path, cfg: Config, force: bool = False) -> 
         Uses ``cfg.data`` (size, slices_per_series, test_fraction, folds, workers, windows) and ``cfg.seed``.
     force : bool, default=False
         Rebuild from scratch when ``out`` already holds a store.
+    reporter : Reporter, optional
+        Receives warnings about the input and the progress of reading series (default: :mod:`logging`,
+        no bar); the CLI passes :class:`toolkit.cli_common.ConsoleReporter`.
 
     Returns
     -------
@@ -406,6 +404,7 @@ def prepare_store(source: Path, out: Path, cfg: Config, force: bool = False) -> 
         or too few patients for the folds.
     """
     source, out = Path(source), Path(out)
+    reporter = as_reporter(reporter)
     data = cfg.data
     if (out / MANIFEST_FILE).exists() and not force:
         raise ToolkitError(f"{out} already holds a slice store; pass --force to rebuild it")
@@ -415,12 +414,14 @@ def prepare_store(source: Path, out: Path, cfg: Config, force: bool = False) -> 
         raise ToolkitError(
             f"data.slices_per_series must be 0 (all) or positive, got {data.slices_per_series}"
         )
-    inputs = _read_inputs(source)
+    inputs = _read_inputs(source, reporter)
     if force:
         _clear_outputs(out)
     partial = out / PARTIAL_DIR
     _prepare_partial(
-        partial, _partial_settings(data.size, data.slices_per_series, data.crop_body, inputs.files_digest)
+        partial,
+        _partial_settings(data.size, data.slices_per_series, data.crop_body, inputs.files_digest),
+        reporter,
     )
 
     tasks = [
@@ -438,18 +439,18 @@ def prepare_store(source: Path, out: Path, cfg: Config, force: bool = False) -> 
     ]
     todo = [t for t in tasks if not Path(t["partial"]).exists()]
     if len(todo) < len(tasks):
-        from toolkit.cli_common import console
-
         done = len(tasks) - len(todo)
-        console.print(f"resuming: {done} of {len(tasks)} series already read ({partial})", soft_wrap=True)
+        reporter.info(f"resuming: {done} of {len(tasks)} series already read ({partial})")
     workers = int(data.workers) or os.cpu_count() or 1
-    _run_tasks(todo, workers, len(tasks) - len(todo), len(tasks))
-    store = _assemble(source, out, cfg, inputs, [Path(t["partial"]) for t in tasks])
+    _run_tasks(todo, workers, len(tasks) - len(todo), len(tasks), reporter)
+    store = _assemble(source, out, cfg, inputs, [Path(t["partial"]) for t in tasks], reporter)
     shutil.rmtree(partial, ignore_errors=True)
     return store
 
 
-def _assemble(source: Path, out: Path, cfg: Config, inputs: _Inputs, parts: list[Path]) -> SliceSet:
+def _assemble(
+    source: Path, out: Path, cfg: Config, inputs: _Inputs, parts: list[Path], reporter: Reporter
+) -> SliceSet:
     data = cfg.data
     tables, errors, notes, spacing, kept_parts = [], [], [], [], []
     for s, path in zip(inputs.series, parts, strict=True):
@@ -475,9 +476,9 @@ def _assemble(source: Path, out: Path, cfg: Config, inputs: _Inputs, parts: list
         )
         spacing.append(p["spacing"])
     for note in notes[:5]:
-        _warn(note)
+        reporter.warn(note)
     if len(notes) > 5:
-        _warn(f"... and {len(notes) - 5} more series with the same kind of ordering fallback")
+        reporter.warn(f"... and {len(notes) - 5} more series with the same kind of ordering fallback")
 
     out.mkdir(parents=True, exist_ok=True)
     errors_df = pd.DataFrame(errors, columns=["path", "reason"])
@@ -485,7 +486,7 @@ def _assemble(source: Path, out: Path, cfg: Config, inputs: _Inputs, parts: list
     n_skipped_series = int(errors_df["reason"].str.endswith("series skipped").sum())
     n_skipped = len(errors_df) - n_skipped_series
     if errors:
-        _warn(
+        reporter.warn(
             f"skipped {n_skipped} unreadable file(s) and {n_skipped_series} series without a readable image; "
             f"see {out / ERRORS_FILE}"
         )
@@ -499,7 +500,7 @@ def _assemble(source: Path, out: Path, cfg: Config, inputs: _Inputs, parts: list
     grades = inputs.grades[inputs.grades["patient_id"].isin(slices["patient_id"])].reset_index(drop=True)
     lost = len(inputs.grades) - len(grades)
     if lost:
-        _warn(f"{lost} patient(s) have no readable slice and are left out")
+        reporter.warn(f"{lost} patient(s) have no readable slice and are left out")
     split = split_patients(grades, data.test_fraction, data.folds, cfg.seed)
     labels = slice_labels(slices, grades, inputs.image_labels)
     table = pd.concat([slices, labels], axis=1).merge(split, on="patient_id", how="left")
