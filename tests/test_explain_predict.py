@@ -16,14 +16,21 @@ from PIL import Image
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from eval.explain import explain_runs, last_conv, localisation, resize_mask, select_slices
+from eval.explain import (
+    explain_runs,
+    injury_visible,
+    last_conv,
+    load_truth,
+    localisation,
+    resize_mask,
+    select_slices,
+)
 from eval.predict import predict_study, run_settings
 from eval.runs import load_run
 from tests.conftest import make_toy_slice_set
 from toolkit.cli import app
 from toolkit.config import Config, EvalConfig
-from toolkit.data.phantom_anatomy import ORGAN_CODES
-from toolkit.errors import ToolkitError
+from toolkit.errors import DataError, ToolkitError
 from toolkit.workspace import Workspace
 
 SIZE = 32  # store and model input size
@@ -96,22 +103,29 @@ def workspace(tmp_path) -> Workspace:
     return ws
 
 
-def _write_truth(ws: Workspace, store_table: pd.DataFrame, size: int = 2 * SIZE) -> None:
-    """Fake phantom truth at twice the store size: liver = left half, injury = a square in it."""
+# Codes of our own, not the phantom's (liver 1): explain must take them from each file's legend.
+TRUTH_CODES = {"spleen": 3, "liver": 9}
+
+
+def _write_truth(ws: Workspace, store_table: pd.DataFrame, size: int = 2 * SIZE, legend: bool = True) -> None:
+    """Truth masks at twice the store size: liver = left half, injury = a square in it, spleen = a right strip."""
     out = ws.data_dir / "phantom_truth"
     out.mkdir(parents=True)
     for series_id, rows in store_table.groupby("series_id"):
         n = len(rows)
         organs = np.zeros((n, size, size), np.uint8)
-        organs[:, :, : size // 2] = ORGAN_CODES["liver"]
+        organs[:, :, : size // 2] = TRUTH_CODES["liver"]
+        organs[:, :, -4:] = TRUTH_CODES["spleen"]
         injury = np.zeros_like(organs)
         if rows["liver"].max() > 0:
-            injury[:, 8:24, 8:24] = ORGAN_CODES["liver"]
+            injury[:, 8:24, 8:24] = TRUTH_CODES["liver"]
+        codes = {"code_names": np.array(list(TRUTH_CODES)), "codes": np.array(list(TRUTH_CODES.values()))}
         np.savez(
             out / f"{series_id}.npz",
             instance_number=rows["instance"].to_numpy(),
             organs=organs,
             injury=injury,
+            **(codes if legend else {}),
         )
 
 
@@ -172,6 +186,29 @@ def test_explain_writes_overlays_and_localisation(workspace):
     assert set(result["summary"]) == {"real-only", "synthetic-0.5"}
     with pytest.raises(ToolkitError, match="already exists"):
         explain_runs(workspace, cfg, ["real-only"], "liver")
+
+
+def test_truth_codes_come_from_each_file(workspace):
+    from toolkit.sliceset import SliceSet
+
+    table = SliceSet.load(workspace.store_dir).table
+    _write_truth(workspace, table)
+    rows = table.iloc[:3]
+    truth = load_truth(workspace.data_dir, rows, "liver", SIZE)
+    assert all(t is not None for t in truth)
+    assert all(t["organ"][:, : SIZE // 2].all() and not t["organ"][:, SIZE // 2 :].any() for t in truth)
+    spleen = load_truth(workspace.data_dir, rows, "spleen", SIZE)
+    assert all(t["organ"].sum() == 2 * SIZE for t in spleen)  # the 4-px strip at half size: 2 columns
+    # An organ the legend does not name has no truth (not another organ's mask).
+    assert load_truth(workspace.data_dir, rows, "kidney", SIZE) == [None] * 3
+    injured = table.index[table["liver"].to_numpy() > 0].to_numpy()
+    assert injury_visible(workspace.data_dir, table, "liver", injured)[injured].all()
+
+    shutil.rmtree(workspace.data_dir / "phantom_truth")
+    _write_truth(workspace, table, legend=False)
+    first = workspace.data_dir / "phantom_truth" / f"{int(rows['series_id'].iloc[0])}.npz"
+    with pytest.raises(DataError, match=f"{first} has no 'code_names'/'codes' legend"):
+        load_truth(workspace.data_dir, rows, "liver", SIZE)
 
 
 def _dicom_series(folder: Path, n: int = 4) -> Path:

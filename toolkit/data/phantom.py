@@ -17,10 +17,14 @@ InstanceNumber running head-to-feet, feet-to-head or shuffled with respect to z.
 tags (:data:`IDENTIFYING_TAGS`) hold fake values that must never reach any output;
 :func:`identifying_values` lists them so tests can check that.
 
-The anatomy and injuries are drawn by :mod:`toolkit.data.phantom_anatomy`; the truth masks
-use :data:`ORGAN_CODES`. Everything is a function of ``seed``: the cohort plan (ids, who is
-injured, formats) comes from one generator, each patient from its own generator seeded by
-``(seed, patient index)``, and DICOM UIDs are hashes of the seed and the ids.
+The anatomy and injuries are drawn by :mod:`toolkit.data.phantom_anatomy`. Each truth file
+holds, per slice in InstanceNumber order, ``instance_number``, ``z``, ``organs`` and ``injury``
+label masks on the DICOM pixel grid, and their legend: ``code_names`` (str) and ``codes`` (int),
+the :data:`ORGAN_CODES` pairs, so readers take the codes from the file.
+
+Everything is a function of ``seed``: the cohort plan (ids, who is injured, formats) comes from
+one generator, each patient from its own generator seeded by ``(seed, patient index)``, and
+DICOM UIDs are hashes of the seed and the ids.
 """
 
 from __future__ import annotations
@@ -428,7 +432,8 @@ def _write_series(
         else:
             ds.add_new(0x7FE00010, "OW", stored[k].tobytes())
         ds.save_as(folder / f"{int(inst[k])}.dcm", enforce_file_format=True)
-    # Truth masks, ordered by InstanceNumber, on the DICOM pixel grid.
+    # Truth masks, ordered by InstanceNumber, on the DICOM pixel grid, with their legend: a reader
+    # (explain) takes the codes from the file and never from this module.
     order = np.argsort(inst)
     truth_dir = out_dir / "phantom_truth"
     truth_dir.mkdir(parents=True, exist_ok=True)
@@ -438,6 +443,8 @@ def _write_series(
         z=s["z"][order].astype(np.float32),
         organs=canvas.organs[order],
         injury=canvas.injury[order],
+        code_names=np.array(list(ORGAN_CODES), dtype=str),
+        codes=np.array(list(ORGAN_CODES.values()), dtype=np.int32),
     )
     injured = {}
     min_px = _MIN_LABEL_PX_64 * (canvas.injury.shape[-1] / 64.0) ** 2
