@@ -221,12 +221,15 @@ class SeriesResult:
     resampled into the stored slice (see :func:`body_field`).
     ``errors`` : ``(file, reason)`` for every file that could not be read (skipped).
     ``warnings`` : one-line notes (e.g. an ordering fallback).
+    ``instances`` : InstanceNumber of every file with a readable header, kept or not (so a label naming
+    a slice can be told apart from a label naming a slice the series does not have).
     """
 
     images: np.ndarray
     table: pd.DataFrame
     errors: list[tuple[Path, str]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    instances: list[int] = field(default_factory=list)
 
 
 def series_files(folder: Path) -> list[Path]:
@@ -412,6 +415,7 @@ def load_series(
         kept.append(path)
     if not infos:
         return SeriesResult(np.empty((0, size or 0, size or 0), np.int16), _empty_table(), errors, [])
+    instances = sorted(int(i["instance"]) for i in infos)
     z, notes = _order(infos, label)
     order = np.lexsort((np.array([i["instance"] for i in infos]), z))
     chosen = order[select_evenly(len(order), slices)]
@@ -425,7 +429,7 @@ def load_series(
                 errors.append((kept[i], _reason(exc, kept[i])))
         chosen = np.asarray(final, dtype=np.int64)
     if len(chosen) == 0:
-        return SeriesResult(np.empty((0, size or 0, size or 0), np.int16), _empty_table(), errors, notes)
+        return SeriesResult(np.empty((0, size or 0, size or 0), np.int16), _empty_table(), errors, notes, instances)
     for i in chosen:
         np.clip(hus[i], HU_MIN, HU_MAX, out=hus[i])
     images, fields = _resample([hus[i] for i in chosen], size, crop_body)
@@ -442,7 +446,7 @@ def load_series(
             "field_side": [f[2] for f in fields],
         }
     )
-    return SeriesResult(images, table, errors, notes)
+    return SeriesResult(images, table, errors, notes, instances)
 
 
 def _empty_table() -> pd.DataFrame:

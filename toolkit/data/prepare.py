@@ -48,6 +48,7 @@ from toolkit.data.labels import (
     read_patient_grades,
     read_series_meta,
     slice_labels,
+    unmatched_image_labels,
 )
 from toolkit.data.split import split_hash, split_patients
 from toolkit.errors import ToolkitError
@@ -258,14 +259,24 @@ def _ingest_series(task: dict) -> dict:
         error_path=np.array([e[0] for e in errors], dtype=str),
         error_reason=np.array([e[1] for e in errors], dtype=str),
         warnings=np.array(result.warnings, dtype=str),
+        all_instances=np.array(result.instances, dtype=np.int64),
     )
     # Rename last so a partial file is either complete or absent.
     os.replace(tmp, final)
     return {"label": task["label"], "n": int(len(result.images))}
 
 
+PARTIAL_FORMAT = 2  # 2: partials list every readable instance (all_instances)
+
+
 def _partial_settings(size: int, slices: int, crop_body: bool, files_digest: str) -> dict:
-    return {"size": int(size), "slices_per_series": int(slices), "crop_body": bool(crop_body), "files": files_digest}
+    return {
+        "format": PARTIAL_FORMAT,
+        "size": int(size),
+        "slices_per_series": int(slices),
+        "crop_body": bool(crop_body),
+        "files": files_digest,
+    }
 
 
 def _prepare_partial(partial: Path, settings: dict, reporter: Reporter) -> None:
@@ -453,10 +464,12 @@ def _assemble(
 ) -> SliceSet:
     data = cfg.data
     tables, errors, notes, spacing, kept_parts = [], [], [], [], []
+    instances: dict[int, set[int]] = {}
     for s, path in zip(inputs.series, parts, strict=True):
         p = _load_partial(path)
         errors += list(zip(p["error_path"].tolist(), p["error_reason"].tolist(), strict=True))
         notes += p["warnings"].tolist()
+        instances[s.series_id] = set(p["all_instances"].tolist())
         if len(p["instance"]) == 0:
             continue
         kept_parts.append(path)
@@ -501,6 +514,18 @@ def _assemble(
     lost = len(inputs.grades) - len(grades)
     if lost:
         reporter.warn(f"{lost} patient(s) have no readable slice and are left out")
+    unmatched = 0
+    if inputs.image_labels is not None:
+        rows = unmatched_image_labels(inputs.image_labels, instances)
+        unmatched = len(rows)
+        if unmatched:
+            first = rows.iloc[0]
+            reporter.warn(
+                f"{source / IMAGE_LABELS_CSV}: {unmatched} row(s) name an instance_number that no readable "
+                f"file of their series has, so they label no slice; first: patient_id {first['patient_id']}, "
+                f"series_id {first['series_id']}, instance_number {first['instance_number']} "
+                f"(a slice missing from the export, or unreadable: see {out / ERRORS_FILE})"
+            )
     split = split_patients(grades, data.test_fraction, data.folds, cfg.seed)
     labels = slice_labels(slices, grades, inputs.image_labels)
     table = pd.concat([slices, labels], axis=1).merge(split, on="patient_id", how="left")
@@ -529,7 +554,11 @@ def _assemble(
         "image_level_labels": inputs.image_labels is not None,
         "n_skipped": int(n_skipped),
         "n_skipped_series": n_skipped_series,
-        "dropped": {**inputs.dropped, "patients_without_readable_slices": int(lost)},
+        "dropped": {
+            **inputs.dropped,
+            "patients_without_readable_slices": int(lost),
+            "image_label_rows_without_slice": int(unmatched),
+        },
         "config": {"seed": int(cfg.seed), "data": asdict(data)},
     }
     _write_store(out, kept_parts, len(table), int(data.size), table, meta)
