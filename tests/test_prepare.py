@@ -376,6 +376,7 @@ def phantom(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_phantom_through_process_pool(phantom: Path, tmp_path: Path) -> None:
     from toolkit.data.phantom import identifying_values
 
