@@ -102,8 +102,8 @@ def read_patient_grades(path: Path) -> pd.DataFrame:
         bad = np.flatnonzero(ones != 1)
         if len(bad):
             row = int(bad[0])
-            set_ = [c for c in group if df[c].iloc[row] == 1]
-            what = f"{' and '.join(set_)} are {'both' if len(set_) == 2 else 'all'} 1" if set_ else "no column is 1"
+            on = [c for c in group if df[c].iloc[row] == 1]
+            what = f"{' and '.join(on)} are {'both' if len(on) == 2 else 'all'} 1" if on else "no column is 1"
             more = f" ({len(bad)} such rows)" if len(bad) > 1 else ""
             raise DataError(
                 f"{path} data row {row + 1} (patient_id {int(df['patient_id'].iloc[row])}): {what}, but "
