@@ -28,7 +28,7 @@ from torch import nn
 from eval.runs import load_run
 from toolkit import ORGANS
 from toolkit.config import Config, save_config
-from toolkit.errors import ToolkitError
+from toolkit.errors import DataError, ToolkitError
 from toolkit.sliceset import FIELD_COLUMNS, SliceSet
 from toolkit.transforms import window_hu
 from toolkit.workspace import Workspace
@@ -59,14 +59,26 @@ def select_slices(store: SliceSet, organ: str, n: int, seed: int, visible: np.nd
     return np.concatenate([rng.permutation(np.flatnonzero(tier)) for tier in tiers])[:n].astype(np.int64)
 
 
+def truth_code(truth: Any, path: Path, organ: str) -> int | None:
+    """``organ``'s label code in a truth file, from the file's own legend; None when it has no such label.
+
+    A truth file names its codes in two arrays, ``code_names`` (str) and ``codes`` (int), so that
+    masks from any source (the phantom, a segmentation tool) are read by the same rule.
+    """
+    if "code_names" not in truth or "codes" not in truth:
+        raise DataError(
+            f"{path} has no 'code_names'/'codes' legend for its masks; rewrite the phantom with "
+            "`toolkit demo-data --force` (same seed: same images, the store and runs stay valid)"
+        )
+    legend = dict(zip(np.asarray(truth["code_names"]).tolist(), np.asarray(truth["codes"]).tolist(), strict=True))
+    return None if organ not in legend else int(legend[organ])
+
+
 def injury_visible(data_dir: Path, table: pd.DataFrame, organ: str, rows: np.ndarray) -> np.ndarray | None:
     """Bool per store row: does the ground truth show ``organ``'s injury on that slice? None without truth."""
-    from toolkit.data.phantom_anatomy import ORGAN_CODES
-
     truth_dir = data_dir / TRUTH_DIR
     if not truth_dir.is_dir():
         return None
-    code = ORGAN_CODES[organ]
     out = np.zeros(len(table), bool)
     sub = table.iloc[rows]
     for series_id, part in sub.groupby("series_id"):
@@ -74,6 +86,9 @@ def injury_visible(data_dir: Path, table: pd.DataFrame, organ: str, rows: np.nda
         if not path.exists():
             continue
         with np.load(path) as truth:
+            code = truth_code(truth, path, organ)
+            if code is None:
+                continue
             has = (truth["injury"] == code).any(axis=(1, 2))
             by_instance = dict(zip(truth["instance_number"].tolist(), has.tolist(), strict=True))
         out[part.index.to_numpy()] = [by_instance.get(int(i), False) for i in part["instance"]]
@@ -96,10 +111,7 @@ def resize_mask(mask: np.ndarray, size: int, field: tuple[int, int, int] | None 
 
 
 def load_truth(data_dir: Path, rows: pd.DataFrame, organ: str, size: int) -> list[dict[str, np.ndarray] | None]:
-    """Organ and injury masks (bool, (size, size)) per slice row, None where no truth file/slice exists."""
-    from toolkit.data.phantom_anatomy import ORGAN_CODES
-
-    code = ORGAN_CODES[organ]
+    """Organ and injury masks (bool, (size, size)) per slice row, None where no truth file/slice/label exists."""
     cache: dict[int, Any] = {}
     out: list[dict[str, np.ndarray] | None] = []
     has_field = all(c in rows.columns for c in FIELD_COLUMNS)
@@ -107,11 +119,13 @@ def load_truth(data_dir: Path, rows: pd.DataFrame, organ: str, size: int) -> lis
         series_id = int(series_id)
         if series_id not in cache:
             path = data_dir / TRUTH_DIR / f"{series_id}.npz"
-            cache[series_id] = dict(np.load(path)) if path.exists() else None
-        truth = cache[series_id]
-        if truth is None:
+            truth = dict(np.load(path)) if path.exists() else None
+            code = None if truth is None else truth_code(truth, path, organ)
+            cache[series_id] = None if code is None else (truth, code)
+        if cache[series_id] is None:
             out.append(None)
             continue
+        truth, code = cache[series_id]
         hit = np.flatnonzero(np.asarray(truth["instance_number"]) == int(instance))
         if len(hit) == 0:
             out.append(None)

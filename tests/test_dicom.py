@@ -206,14 +206,14 @@ def test_series_oblique_orientation_projects_on_normal(tmp_path: Path) -> None:
     np.testing.assert_allclose(table["z"], [0.0, 5.0, 10.0], atol=1e-6)
 
 
-def test_series_fallback_to_slice_location_warns(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_series_fallback_to_slice_location_warns(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     folder = tmp_path / "s"
     folder.mkdir()
     for inst, loc in [(1, 30.0), (2, 10.0), (3, 20.0)]:
         write_ct(folder / f"{inst}.dcm", np.zeros((8, 8)), instance=inst, position=None, slice_location=loc)
     _, table = read_series(folder)
     assert table["instance"].tolist() == [2, 3, 1]
-    assert "ordered by SliceLocation" in capsys.readouterr().err
+    assert "ordered by SliceLocation" in caplog.text
 
 
 def test_series_resampled_square_with_air_padding(tmp_path: Path) -> None:

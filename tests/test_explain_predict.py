@@ -14,14 +14,21 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from eval.explain import explain_runs, last_conv, localisation, resize_mask, select_slices
+from eval.explain import (
+    explain_runs,
+    injury_visible,
+    last_conv,
+    load_truth,
+    localisation,
+    resize_mask,
+    select_slices,
+)
 from eval.predict import predict_study, run_settings
 from eval.runs import load_run
 from tests.conftest import make_toy_slice_set
 from toolkit.cli import app
 from toolkit.config import Config, EvalConfig, load_config
-from toolkit.data.phantom_anatomy import ORGAN_CODES
-from toolkit.errors import ToolkitError
+from toolkit.errors import DataError, ToolkitError
 from toolkit.workspace import Workspace
 from train.run import train_run
 
@@ -61,22 +68,29 @@ def workspace(trained: Path, tmp_path: Path) -> Workspace:
     return Workspace(tmp_path)
 
 
-def _write_truth(ws: Workspace, store_table: pd.DataFrame, size: int = 2 * SIZE) -> None:
-    """Fake phantom truth at twice the store size: liver = left half, injury = a square in it."""
+# Codes of our own, not the phantom's (liver 1): explain must take them from each file's legend.
+TRUTH_CODES = {"spleen": 3, "liver": 9}
+
+
+def _write_truth(ws: Workspace, store_table: pd.DataFrame, size: int = 2 * SIZE, legend: bool = True) -> None:
+    """Truth masks at twice the store size: liver = left half, injury = a square in it, spleen = a right strip."""
     out = ws.data_dir / "phantom_truth"
     out.mkdir(parents=True)
     for series_id, rows in store_table.groupby("series_id"):
         n = len(rows)
         organs = np.zeros((n, size, size), np.uint8)
-        organs[:, :, : size // 2] = ORGAN_CODES["liver"]
+        organs[:, :, : size // 2] = TRUTH_CODES["liver"]
+        organs[:, :, -4:] = TRUTH_CODES["spleen"]
         injury = np.zeros_like(organs)
         if rows["liver"].max() > 0:
-            injury[:, 8:24, 8:24] = ORGAN_CODES["liver"]
+            injury[:, 8:24, 8:24] = TRUTH_CODES["liver"]
+        codes = {"code_names": np.array(list(TRUTH_CODES)), "codes": np.array(list(TRUTH_CODES.values()))}
         np.savez(
             out / f"{series_id}.npz",
             instance_number=rows["instance"].to_numpy(),
             organs=organs,
             injury=injury,
+            **(codes if legend else {}),
         )
 
 
@@ -91,10 +105,19 @@ def test_localisation_and_mask_resampling_by_hand():
     big = np.zeros((8, 8), np.uint8)
     big[:4, :4] = 1
     assert np.array_equal(resize_mask(big, 4), np.kron([[1, 0], [0, 0]], np.ones((2, 2), np.uint8)))
-    assert (
-        last_conv(timm.create_model("mobilenetv2_050", num_classes=1, in_chans=1)).__class__
-        is torch.nn.Conv2d
-    )
+    model = timm.create_model("mobilenetv2_050", num_classes=1, in_chans=1).eval()
+    assert last_conv(model) is model.conv_head
+    # At 32 px conv_head's map is 1 x 1; Grad-CAM moves to the last layer with a map of at least 4 px.
+    sides = {}
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Conv2d):
+            m.register_forward_hook(lambda _m, _i, out, name=name: sides.__setitem__(name, out.shape[-1]))
+    with torch.no_grad():
+        model(torch.zeros(1, 1, 32, 32))
+    chosen = next(name for name, m in model.named_modules() if m is last_conv(model, 32))
+    names = list(sides)
+    assert sides["conv_head"] == 1 and sides[chosen] >= 4
+    assert all(sides[n] < 4 for n in names[names.index(chosen) + 1 :])
 
 
 def test_select_slices_visible_injury_then_injured_then_healthy():
@@ -127,7 +150,11 @@ def test_explain_writes_overlays_and_localisation(workspace):
     Image.open(pngs[0]).verify()
     s = data["summary"]
     assert 0.0 <= s["organ_mass_share"] <= 1.0 and s["organ_area_share"] == pytest.approx(0.5)
-    assert s["organ_pointing_hit"] in {0.0, 1.0} or 0.0 < s["organ_pointing_hit"] < 1.0
+    # The summary is the mean of the per-slice figures it reports.
+    organ = [x["organ"] for x in data["slices"]]
+    assert all(o["area_share"] == pytest.approx(0.5) for o in organ)  # the liver mask is the left half
+    assert s["organ_pointing_hit"] == pytest.approx(np.mean([o["hit"] for o in organ]))
+    assert s["organ_mass_share"] == pytest.approx(np.mean([o["mass_share"] for o in organ]))
     assert s["injury_n"] == sum(
         1 for x in data["slices"] if x["label"] > 0 or x["injury"]["mass_share"] is not None
     )
@@ -136,6 +163,29 @@ def test_explain_writes_overlays_and_localisation(workspace):
     assert set(result["summary"]) == {"real-only", "topk"}
     with pytest.raises(ToolkitError, match="already exists"):
         explain_runs(workspace, cfg, ["real-only"], "liver")
+
+
+def test_truth_codes_come_from_each_file(workspace):
+    from toolkit.sliceset import SliceSet
+
+    table = SliceSet.load(workspace.store_dir).table
+    _write_truth(workspace, table)
+    rows = table.iloc[:3]
+    truth = load_truth(workspace.data_dir, rows, "liver", SIZE)
+    assert all(t is not None for t in truth)
+    assert all(t["organ"][:, : SIZE // 2].all() and not t["organ"][:, SIZE // 2 :].any() for t in truth)
+    spleen = load_truth(workspace.data_dir, rows, "spleen", SIZE)
+    assert all(t["organ"].sum() == 2 * SIZE for t in spleen)  # the 4-px strip at half size: 2 columns
+    # An organ the legend does not name has no truth (not another organ's mask).
+    assert load_truth(workspace.data_dir, rows, "kidney", SIZE) == [None] * 3
+    injured = table.index[table["liver"].to_numpy() > 0].to_numpy()
+    assert injury_visible(workspace.data_dir, table, "liver", injured)[injured].all()
+
+    shutil.rmtree(workspace.data_dir / "phantom_truth")
+    _write_truth(workspace, table, legend=False)
+    first = workspace.data_dir / "phantom_truth" / f"{int(rows['series_id'].iloc[0])}.npz"
+    with pytest.raises(DataError, match=f"{first} has no 'code_names'/'codes' legend"):
+        load_truth(workspace.data_dir, rows, "liver", SIZE)
 
 
 def _dicom_series(folder: Path, n: int = 4) -> Path:

@@ -247,14 +247,14 @@ def test_corrupt_files_are_skipped_and_listed(tmp_path: Path) -> None:
 
 
 def test_labels_without_images_and_images_without_labels_warn(
-    tmp_path: Path, capsys: pytest.CaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     src = make_rsna(tmp_path / "data", slices=2, size=8)
     train = pd.read_csv(src / "train.csv")
     extra = train.iloc[[0]].assign(patient_id=999)
     pd.concat([train[train["patient_id"] != 102], extra]).to_csv(src / "train.csv", index=False)
     store = prepare_store(src, tmp_path / "store", tiny_cfg(size=8))
-    err = capsys.readouterr().err
+    err = caplog.text
     assert "1 patient(s) in train.csv have no series under train_images/" in err and "999" in err
     assert "1 patient(s) have images but no row in train.csv" in err and "102" in err
     assert set(store.table["patient_id"]) == set(GRADES) - {102}
@@ -262,12 +262,12 @@ def test_labels_without_images_and_images_without_labels_warn(
 
 
 def test_missing_series_meta_infers_series_from_folders(
-    tmp_path: Path, capsys: pytest.CaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     src = make_rsna(tmp_path / "data", slices=2, size=8)
     (src / "train_series_meta.csv").unlink()
     store = prepare_store(src, tmp_path / "store", tiny_cfg(size=8))
-    assert "train_series_meta.csv not found" in capsys.readouterr().err
+    assert "train_series_meta.csv not found" in caplog.text
     assert store.table["series_id"].nunique() == 9 and store.table["aortic_hu"].isna().all()
 
 
@@ -377,6 +377,7 @@ def phantom(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_phantom_through_process_pool(phantom: Path, tmp_path: Path) -> None:
     from toolkit.data.phantom import identifying_values
 
@@ -427,3 +428,82 @@ def test_solid_organ_slice_annotations_label_only_their_series() -> None:
     assert out["liver"].tolist() == [0, 2, 2, 0] + [2] * 4 + [1] * 4  # series 11 and 20: patient grade
     assert out["bowel"].tolist() == [0] * 8 + [0, 0, 0, 1]
     assert (out["liver_patient"] == [2] * 8 + [1] * 4).all()
+
+
+# ------------------------------------------------------ bad input through the CLI
+CLI_SMALL = ["--size", "8", "--folds", "2", "--workers", "1", "--test-fraction", "0.25", "--slices-per-series", "0"]
+
+
+def _one_line_error(result) -> str:  # noqa: ANN001
+    """The CLI's message for a user error: exit status 2, a single 'error: ...' line, no traceback."""
+    assert result.exit_code == 2, result.output
+    text = result.output.strip()
+    assert text.startswith("error: ") and "\n" not in text, text
+    return text
+
+
+@pytest.mark.parametrize(
+    ("group", "ones"),
+    [("liver", ("liver_low", "liver_high")), ("bowel", ("bowel_healthy", "bowel_injury"))],
+)
+def test_cli_two_ones_in_an_organ_group(tmp_path: Path, group: str, ones: tuple[str, str]) -> None:
+    src = make_rsna(tmp_path / "data", slices=1, size=8, grades={101: {}, 102: {"liver": 1}, 103: {}})
+    train = pd.read_csv(src / "train.csv")
+    train.loc[1, list(ones)] = 1  # patient 102: both states of one organ
+    if group == "liver":
+        train.loc[1, "liver_healthy"] = 0
+    train.to_csv(src / "train.csv", index=False)
+    text = _one_line_error(_invoke("prepare", "--workdir", str(tmp_path), *CLI_SMALL))
+    assert str(src / "train.csv") in text and "data row 2 (patient_id 102)" in text
+    assert f"{ones[0]} and {ones[1]} are both 1" in text and "exactly one 1" in text
+    assert not (tmp_path / "store" / "manifest.csv").exists()
+
+
+def test_cli_workdir_that_is_a_file(tmp_path: Path) -> None:
+    file = tmp_path / "notes.txt"
+    file.write_text("not a workspace")
+    for command in ("prepare", "status"):
+        text = _one_line_error(_invoke(command, "--workdir", str(file)))
+        assert f"workspace {file} is a file, not a folder" in text
+    assert file.read_text() == "not a workspace"
+
+
+def test_cli_empty_series_meta_names_that_file(tmp_path: Path) -> None:
+    src = make_rsna(tmp_path / "data", slices=1, size=8, grades={101: {}, 102: {"liver": 1}})
+    pd.read_csv(src / "train_series_meta.csv").head(0).to_csv(src / "train_series_meta.csv", index=False)
+    text = _one_line_error(_invoke("prepare", "--workdir", str(tmp_path), *CLI_SMALL))
+    assert f"{src / 'train_series_meta.csv'} has a header but no rows" in text
+    assert "no patient has both" not in text
+    (src / "train_series_meta.csv").write_text("")  # not even a header
+    text = _one_line_error(_invoke("prepare", "--workdir", str(tmp_path), *CLI_SMALL))
+    assert f"{src / 'train_series_meta.csv'} is empty (not even a header row)" in text
+
+
+def test_cli_image_labels_naming_absent_slices_warn(tmp_path: Path) -> None:
+    """Real exports miss slices: such rows cannot label anything, so prepare goes on and says how many."""
+    src = make_rsna(tmp_path / "data", slices=6, size=8)
+    labels = pd.read_csv(src / "image_level_labels.csv")
+    extra = pd.DataFrame(
+        [(101, 1010, 99, "Bowel"), (102, 1020, 7, "Active_Extravasation"), (101, 5555, 1, "Bowel")],
+        columns=labels.columns,
+    )  # two slices series 1010/1020 do not have; series 5555 is not in the study (not counted)
+    pd.concat([labels, extra]).to_csv(src / "image_level_labels.csv", index=False)
+    result = _invoke("prepare", "--workdir", str(tmp_path), *CLI_SMALL)
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.output.splitlines() if "instance_number that no readable file" in line]
+    assert len(warnings) == 1, result.output
+    assert str(src / "image_level_labels.csv") in warnings[0] and ": 2 row(s)" in warnings[0]
+    assert "first: patient_id 101, series_id 1010, instance_number 99" in warnings[0]
+    store = SliceSet.load(tmp_path / "store")
+    assert store.meta["dropped"]["image_label_rows_without_slice"] == 2
+    t = store.table
+    assert sorted(t.loc[(t["series_id"] == 1010) & (t["bowel"] == 1), "instance"]) == [2, 3]  # rule unchanged
+
+
+def test_image_labels_of_slices_left_out_by_subsampling_do_not_warn(
+    rsna: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = prepare_store(rsna, tmp_path / "store", tiny_cfg(size=8, slices_per_series=2))
+    assert not set(store.table.loc[store.table["series_id"] == 1010, "instance"]) & {2, 3}  # listed, not kept
+    assert "instance_number" not in caplog.text
+    assert store.meta["dropped"]["image_label_rows_without_slice"] == 0

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -120,11 +119,3 @@ def test_aggregate_patient() -> None:
     assert aggregate_patient(np.stack([probs, probs * 0]), "max") == pytest.approx(0.45)
     with pytest.raises(ToolkitError, match="unknown train.aggregate"):
         aggregate_patient(probs, "mean")
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt is glibc (Linux) only")
-def test_runtime_tuning() -> None:
-    from toolkit.runtime import passive_openmp, tune_malloc
-
-    assert tune_malloc() is True  # glibc accepted M_MMAP_MAX and M_TRIM_THRESHOLD
-    assert passive_openmp() is False  # torch is already imported here: too late, and it says so

@@ -7,7 +7,17 @@ from typing import Annotated
 
 import typer
 
-from toolkit.cli_common import ConfigOpt, ForceOpt, SeedOpt, SetOpt, WorkdirOpt, console, handle_errors, setup
+from toolkit.cli_common import (
+    ConfigOpt,
+    ConsoleReporter,
+    ForceOpt,
+    SeedOpt,
+    SetOpt,
+    WorkdirOpt,
+    console,
+    handle_errors,
+    setup,
+)
 from toolkit.config import save_config
 
 
@@ -40,7 +50,7 @@ def demo_data(
     from toolkit.data.phantom import write_phantom
 
     out_dir = out or ws.data_dir
-    summary = write_phantom(out_dir, cfg.phantom, seed=cfg.seed, force=force)
+    summary = write_phantom(out_dir, cfg.phantom, seed=cfg.seed, force=force, reporter=ConsoleReporter())
     save_config(cfg, out_dir / "config.yaml")
     console.print(f"wrote phantom to {out_dir}: {summary}")
 
@@ -83,7 +93,7 @@ def prepare(
     )
     from toolkit.data.prepare import prepare_store, summarize_store
 
-    store = prepare_store(source or ws.data_dir, out or ws.store_dir, cfg, force=force)
+    store = prepare_store(source or ws.data_dir, out or ws.store_dir, cfg, force=force, reporter=ConsoleReporter())
     console.print(summarize_store(store))
 
 

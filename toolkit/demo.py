@@ -44,6 +44,7 @@ def run_demo(ws: Workspace, cfg: Config, synthetic_ratio: float = 0.5) -> Path:
     from toolkit.data.prepare import prepare_store, summarize_store
     from train.run import train_run
 
+    reporter = ConsoleReporter()
     timings: dict[str, float] = {}
 
     def stage(name: str) -> None:
@@ -57,14 +58,14 @@ def run_demo(ws: Workspace, cfg: Config, synthetic_ratio: float = 0.5) -> Path:
     if (ws.data_dir / "train.csv").exists():
         console.print(f"data already in {ws.data_dir}; kept")
     else:
-        console.print(write_phantom(ws.data_dir, cfg.phantom, seed=cfg.seed))
+        console.print(write_phantom(ws.data_dir, cfg.phantom, seed=cfg.seed, reporter=reporter))
     done("1/5 phantom")
 
     stage("2/5 prepare")
     if (ws.store_dir / "manifest.csv").exists():
         console.print(f"slice store already in {ws.store_dir}; kept")
     else:
-        console.print(summarize_store(prepare_store(ws.data_dir, ws.store_dir, cfg)))
+        console.print(summarize_store(prepare_store(ws.data_dir, ws.store_dir, cfg, reporter=reporter)))
     done("2/5 prepare")
 
     stage("3/5 gen")

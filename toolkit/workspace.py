@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from toolkit import ORGANS
+from toolkit.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,10 @@ class Workspace:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "root", Path(self.root).resolve())
+        if self.root.exists() and not self.root.is_dir():
+            raise ConfigError(
+                f"workspace {self.root} is a file, not a folder; pass --workdir a folder (created if missing)"
+            )
 
     @property
     def config_file(self) -> Path:

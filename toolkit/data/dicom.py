@@ -37,6 +37,7 @@ import numpy as np
 import pandas as pd
 
 from toolkit.errors import ToolkitError
+from toolkit.reporting import Reporter, as_reporter
 
 HU_MIN: int = -1024
 HU_MAX: int = 3071
@@ -220,12 +221,15 @@ class SeriesResult:
     resampled into the stored slice (see :func:`body_field`).
     ``errors`` : ``(file, reason)`` for every file that could not be read (skipped).
     ``warnings`` : one-line notes (e.g. an ordering fallback).
+    ``instances`` : InstanceNumber of every file with a readable header, kept or not (so a label naming
+    a slice can be told apart from a label naming a slice the series does not have).
     """
 
     images: np.ndarray
     table: pd.DataFrame
     errors: list[tuple[Path, str]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    instances: list[int] = field(default_factory=list)
 
 
 def series_files(folder: Path) -> list[Path]:
@@ -411,6 +415,7 @@ def load_series(
         kept.append(path)
     if not infos:
         return SeriesResult(np.empty((0, size or 0, size or 0), np.int16), _empty_table(), errors, [])
+    instances = sorted(int(i["instance"]) for i in infos)
     z, notes = _order(infos, label)
     order = np.lexsort((np.array([i["instance"] for i in infos]), z))
     chosen = order[select_evenly(len(order), slices)]
@@ -424,7 +429,7 @@ def load_series(
                 errors.append((kept[i], _reason(exc, kept[i])))
         chosen = np.asarray(final, dtype=np.int64)
     if len(chosen) == 0:
-        return SeriesResult(np.empty((0, size or 0, size or 0), np.int16), _empty_table(), errors, notes)
+        return SeriesResult(np.empty((0, size or 0, size or 0), np.int16), _empty_table(), errors, notes, instances)
     for i in chosen:
         np.clip(hus[i], HU_MIN, HU_MAX, out=hus[i])
     images, fields = _resample([hus[i] for i in chosen], size, crop_body)
@@ -441,7 +446,7 @@ def load_series(
             "field_side": [f[2] for f in fields],
         }
     )
-    return SeriesResult(images, table, errors, notes)
+    return SeriesResult(images, table, errors, notes, instances)
 
 
 def _empty_table() -> pd.DataFrame:
@@ -461,12 +466,16 @@ def _empty_table() -> pd.DataFrame:
 
 
 def read_series(
-    folder: str | Path, size: int | None = None, slices: int = 0, crop_body: bool = False
+    folder: str | Path,
+    size: int | None = None,
+    slices: int = 0,
+    crop_body: bool = False,
+    reporter: Reporter | None = None,
 ) -> tuple[np.ndarray, pd.DataFrame]:
     """All slices of one series in HU, ordered along the patient axis.
 
     Order: ``ImagePositionPatient`` projected on the slice normal from ``ImageOrientationPatient``;
-    without them ``SliceLocation``, then ``InstanceNumber`` (each fallback prints a warning).
+    without them ``SliceLocation``, then ``InstanceNumber`` (each fallback is reported as a warning).
     Unreadable files are skipped with a warning.
 
     Parameters
@@ -479,6 +488,8 @@ def read_series(
         Keep this many slices evenly spaced along z (0 = all).
     crop_body : bool, default=False
         Resample the square around the body instead of the whole image (as ``data.crop_body``).
+    reporter : Reporter, optional
+        Receives the ordering-fallback and skipped-file warnings (default: :mod:`logging`).
 
     Returns
     -------
@@ -492,22 +503,17 @@ def read_series(
     ToolkitError
         When the folder does not exist or holds no readable DICOM image.
     """
-    from toolkit.cli_common import console
-
+    reporter = as_reporter(reporter)
     folder = Path(folder)
     if not folder.is_dir():
         raise ToolkitError(f"series folder {folder} does not exist")
     files = series_files(folder)
     result = load_series(folder, size=size, slices=slices, files=files, crop_body=crop_body)
     for note in result.warnings:
-        console.print(f"[yellow]warning: {note}", highlight=False, soft_wrap=True)
+        reporter.warn(note)
     if result.errors:
         first = ", ".join(f"{p.name} ({why})" for p, why in result.errors[:3])
-        console.print(
-            f"[yellow]warning: {folder}: skipped {len(result.errors)} unreadable file(s): {first}",
-            highlight=False,
-            soft_wrap=True,
-        )
+        reporter.warn(f"{folder}: skipped {len(result.errors)} unreadable file(s): {first}")
     if len(result.images) == 0:
         raise ToolkitError(
             f"{folder} holds no readable DICOM image ({len(files)} file(s) tried); "

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from toolkit import GRADED_ORGANS, ORGANS
-from toolkit.errors import ToolkitError
+from toolkit.errors import DataError
 
 TRAIN_CSV = "train.csv"
 SERIES_META_CSV = "train_series_meta.csv"
@@ -55,20 +55,24 @@ def read_csv(path: Path, required: tuple[str, ...], integer: tuple[str, ...] = (
     try:
         df = pd.read_csv(path)
     except FileNotFoundError:
-        raise ToolkitError(f"{path} does not exist; the RSNA layout needs it") from None
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path} does not exist; the RSNA layout needs it") from None
+    except pd.errors.EmptyDataError:
+        raise DataError(
+            f"{path} is empty (not even a header row); re-export it with the columns {', '.join(required)}"
+        ) from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
         why = " ".join(str(exc).split())[:120]
-        raise ToolkitError(f"{path} is not a readable CSV ({why}); fix or re-export it") from None
+        raise DataError(f"{path} is not a readable CSV ({why}); fix or re-export it") from None
     df.columns = [str(c).strip() for c in df.columns]
     for col in required:
         if col not in df.columns:
-            raise ToolkitError(f"{path} is missing column '{col}'; add it (RSNA 2023 header) and re-run")
+            raise DataError(f"{path} is missing column '{col}'; add it (RSNA 2023 header) and re-run")
     for col in integer:
         values = pd.to_numeric(df[col], errors="coerce")
         bad = values.isna() | (values != values.round())
         if bad.any():
             row = int(np.flatnonzero(bad.to_numpy())[0])
-            raise ToolkitError(
+            raise DataError(
                 f"{path} column '{col}' has a non-integer value {df[col].iloc[row]!r} on data row {row + 1}; "
                 "fix that row"
             )
@@ -81,16 +85,33 @@ def read_patient_grades(path: Path) -> pd.DataFrame:
 
     Raises
     ------
-    ToolkitError
-        A missing column, a non-0/1 label, a duplicated patient_id.
+    DataError
+        A missing column, a non-0/1 label, an organ group without exactly one 1, a duplicated patient_id.
     """
     df = read_csv(path, TRAIN_COLUMNS, integer=TRAIN_COLUMNS)
+    if df.empty:
+        raise DataError(f"{path} has a header but no rows; add one row per patient")
     for col in TRAIN_COLUMNS[1:]:
         if not df[col].isin([0, 1]).all():
-            raise ToolkitError(f"{path} column '{col}' must hold only 0 or 1; fix the labels")
+            raise DataError(f"{path} column '{col}' must hold only 0 or 1; fix the labels")
+    for organ in ORGANS:
+        # One-hot: liver_low=1 with liver_high=1 (or no 1 at all) has no grade; taking either would
+        # train on a label the annotator did not give.
+        group = [c for c in TRAIN_COLUMNS if c.startswith(f"{organ}_")]
+        ones = df[group].sum(axis=1).to_numpy()
+        bad = np.flatnonzero(ones != 1)
+        if len(bad):
+            row = int(bad[0])
+            on = [c for c in group if df[c].iloc[row] == 1]
+            what = f"{' and '.join(on)} are {'both' if len(on) == 2 else 'all'} 1" if on else "no column is 1"
+            more = f" ({len(bad)} such rows)" if len(bad) > 1 else ""
+            raise DataError(
+                f"{path} data row {row + 1} (patient_id {int(df['patient_id'].iloc[row])}): {what}, but "
+                f"{', '.join(group)} must hold exactly one 1{more}; fix the labels"
+            )
     dup = df["patient_id"].duplicated()
     if dup.any():
-        raise ToolkitError(
+        raise DataError(
             f"{path} lists patient_id {int(df['patient_id'][dup].iloc[0])} more than once; "
             "keep one row per patient"
         )
@@ -111,9 +132,14 @@ def read_series_meta(path: Path) -> pd.DataFrame:
     ``aortic_hu`` and ``incomplete_organ`` are optional in the file (NaN when absent).
     """
     df = read_csv(path, SERIES_META_COLUMNS, integer=SERIES_META_COLUMNS)
+    if df.empty:
+        raise DataError(
+            f"{path} has a header but no rows; add one row per series (patient_id, series_id), "
+            "or delete the file to take the series from the train_images/<patient_id>/<series_id>/ folders"
+        )
     dup = df["series_id"].duplicated()
     if dup.any():
-        raise ToolkitError(
+        raise DataError(
             f"{path} lists series_id {int(df['series_id'][dup].iloc[0])} more than once; "
             "keep one row per series"
         )
@@ -135,6 +161,27 @@ def read_image_labels(path: Path) -> tuple[pd.DataFrame, list[str]]:
     unknown = sorted(set(names) - set(INJURY_NAMES))
     df = df.assign(organ=names.map(INJURY_NAMES))
     return df.dropna(subset=["organ"])[["patient_id", "series_id", "instance_number", "organ"]], unknown
+
+
+def unmatched_image_labels(image_labels: pd.DataFrame, instances: dict[int, set[int]]) -> pd.DataFrame:
+    """Rows of image_level_labels.csv whose series is read but has no slice with their instance number.
+
+    Parameters
+    ----------
+    image_labels : DataFrame
+        ``patient_id``, ``series_id``, ``instance_number`` (:func:`read_image_labels`).
+    instances : dict
+        series_id -> InstanceNumbers of the series' readable files. Rows of series not in it
+        (series not in the study) are not checked.
+
+    Returns
+    -------
+    DataFrame
+        The unmatched rows, in file order.
+    """
+    pairs = zip(image_labels["series_id"], image_labels["instance_number"], strict=True)
+    missing = [int(s) in instances and int(i) not in instances[int(s)] for s, i in pairs]
+    return image_labels[np.asarray(missing, dtype=bool)]
 
 
 def slice_labels(
@@ -159,7 +206,7 @@ def slice_labels(
     patient = slices[["patient_id"]].merge(grades, on="patient_id", how="left", validate="many_to_one")
     if patient[list(ORGANS)].isna().any().any():
         missing = sorted(set(slices["patient_id"][patient[ORGANS[0]].isna().to_numpy()]))
-        raise ToolkitError(f"no train.csv labels for patient_id {missing[:5]}")
+        raise DataError(f"no train.csv labels for patient_id {missing[:5]}")
     out = pd.DataFrame(index=slices.index)
     labelled_series = set() if image_labels is None else set(image_labels["series_id"].astype(np.int64))
     has_image_labels = slices["series_id"].isin(labelled_series).to_numpy()

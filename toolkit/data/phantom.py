@@ -18,10 +18,14 @@ InstanceNumber running head-to-feet, feet-to-head or shuffled with respect to z.
 tags (:data:`IDENTIFYING_TAGS`) hold fake values that must never reach any output;
 :func:`identifying_values` lists them so tests can check that.
 
-The anatomy and injuries are drawn by :mod:`toolkit.data.phantom_anatomy`; the truth masks
-use :data:`ORGAN_CODES`. Everything is a function of ``seed``: the cohort plan (ids, who is
-injured, formats) comes from one generator, each patient from its own generator seeded by
-``(seed, patient index)``, and DICOM UIDs are hashes of the seed and the ids.
+The anatomy and injuries are drawn by :mod:`toolkit.data.phantom_anatomy`. Each truth file
+holds, per slice in InstanceNumber order, ``instance_number``, ``z``, ``organs`` and ``injury``
+label masks on the DICOM pixel grid, and their legend: ``code_names`` (str) and ``codes`` (int),
+the :data:`ORGAN_CODES` pairs, so readers take the codes from the file.
+
+Everything is a function of ``seed``: the cohort plan (ids, who is injured, formats) comes from
+one generator, each patient from its own generator seeded by ``(seed, patient index)``, and
+DICOM UIDs are hashes of the seed and the ids.
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ from toolkit.data.phantom_anatomy import (
 )
 from toolkit.data.phantom_rle import encode_rle_frames
 from toolkit.errors import ConfigError, ToolkitError
+from toolkit.reporting import Reporter, as_reporter
 
 __all__ = [
     "IDENTIFYING_TAGS",
@@ -408,7 +413,8 @@ def _write_series(
         else:
             ds.add_new(0x7FE00010, "OW", stored[k].tobytes())
         ds.save_as(folder / f"{int(inst[k])}.dcm", enforce_file_format=True)
-    # Truth masks, ordered by InstanceNumber, on the DICOM pixel grid.
+    # Truth masks, ordered by InstanceNumber, on the DICOM pixel grid, with their legend: a reader
+    # (explain) takes the codes from the file and never from this module.
     order = np.argsort(inst)
     truth_dir = out_dir / "phantom_truth"
     truth_dir.mkdir(parents=True, exist_ok=True)
@@ -418,6 +424,8 @@ def _write_series(
         z=s["z"][order].astype(np.float32),
         organs=canvas.organs[order],
         injury=canvas.injury[order],
+        code_names=np.array(list(ORGAN_CODES), dtype=str),
+        codes=np.array(list(ORGAN_CODES.values()), dtype=np.int32),
     )
     if segmentation is not None:
         _write_segmentation(out_dir, sp.series_id, s, segmentation)
@@ -552,7 +560,9 @@ def _prepare_out_dir(out_dir: Path, force: bool) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
 
 
-def write_phantom(out_dir: Path, cfg: PhantomConfig, seed: int = 0, force: bool = False) -> dict:
+def write_phantom(
+    out_dir: Path, cfg: PhantomConfig, seed: int = 0, force: bool = False, reporter: Reporter | None = None
+) -> dict:
     """Write the CT trauma phantom in the RSNA 2023 Abdominal Trauma Detection layout.
 
     Parameters
@@ -568,6 +578,9 @@ def write_phantom(out_dir: Path, cfg: PhantomConfig, seed: int = 0, force: bool 
         Same seed, same bytes: CSVs, pixel data and DICOM UIDs.
     force : bool, default=False
         Replace a dataset already in ``out_dir``; without it that raises :class:`ToolkitError`.
+    reporter : Reporter, optional
+        Shows progress per patient (default: none); the CLI passes
+        :class:`toolkit.cli_common.ConsoleReporter`.
 
     Returns
     -------
@@ -588,10 +601,8 @@ def write_phantom(out_dir: Path, cfg: PhantomConfig, seed: int = 0, force: bool 
     chosen = np.sort(_exact_subset(np.random.default_rng([seed, 6]), len(series_ids), cfg.segmentation_fraction))
     segmentations = {series_ids[i]: rank for rank, i in enumerate(chosen)}
 
-    from toolkit.cli_common import make_progress
-
     results: list[tuple[_PatientPlan, list[_SeriesResult]]] = []
-    with make_progress() as progress:
+    with as_reporter(reporter).progress() as progress:
         task = progress.add_task("phantom", total=len(plans), info="")
         n_slices = 0
         for plan in plans:

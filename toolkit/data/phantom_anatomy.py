@@ -32,7 +32,8 @@ ORGAN_CODES: dict[str, int] = {
 }
 """Label codes of ``phantom_truth/<series_id>.npz``: ``organs`` uses the organ codes (0 = anything
 else); ``injury`` holds the code of the injured organ at injured pixels (``extravasation`` for a
-blush, ``bowel`` for bowel injury and its free fluid/gas), 0 elsewhere."""
+blush, ``bowel`` for bowel injury and its free fluid/gas), 0 elsewhere. Each file carries them as
+its ``code_names`` and ``codes`` arrays."""
 
 LIVER, SPLEEN, KIDNEY, BOWEL, AORTA, BLUSH, BONE, STOMACH = (
     ORGAN_CODES[k]

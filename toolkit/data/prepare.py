@@ -53,6 +53,7 @@ from toolkit.data.labels import (
     read_patient_grades,
     read_series_meta,
     slice_labels,
+    unmatched_image_labels,
 )
 from toolkit.data.split import split_hash, split_patients
 from toolkit.errors import ToolkitError
@@ -71,12 +72,6 @@ SLICE_LABEL_RULE = (
     "else the patient grade; kidney/liver/spleen: the patient grade (at least 1) on instances listed as "
     "Kidney/Liver/Spleen where the series has rows for that organ, 0 on its other slices, else the patient grade"
 )
-
-
-def _warn(message: str) -> None:
-    from toolkit.cli_common import console
-
-    console.print(f"[yellow]warning: {message}", highlight=False, soft_wrap=True)
 
 
 def _first(ids: Iterable[object], k: int = 5) -> str:
@@ -106,7 +101,7 @@ class _Inputs:
     dropped: dict[str, int] = field(default_factory=dict)
 
 
-def _int_dirs(folder: Path, what: str) -> dict[int, Path]:
+def _int_dirs(folder: Path, what: str, reporter: Reporter) -> dict[int, Path]:
     dirs, odd = {}, []
     for p in sorted(folder.iterdir()):
         if not p.is_dir() or p.name.startswith("."):
@@ -116,11 +111,11 @@ def _int_dirs(folder: Path, what: str) -> dict[int, Path]:
         else:
             odd.append(p.name)
     if odd:
-        _warn(f"{folder}: ignored {len(odd)} folder(s) not named by an integer {what}: {_first(odd)}")
+        reporter.warn(f"{folder}: ignored {len(odd)} folder(s) not named by an integer {what}: {_first(odd)}")
     return dirs
 
 
-def _read_inputs(source: Path) -> _Inputs:
+def _read_inputs(source: Path, reporter: Reporter) -> _Inputs:
     if not source.is_dir():
         raise ToolkitError(
             f"source folder {source} does not exist; run `toolkit demo-data` or pass --source <RSNA folder>"
@@ -144,8 +139,8 @@ def _read_inputs(source: Path) -> _Inputs:
 
     # Every series folder on disk, with its files (also the source checksum's file list).
     on_disk: dict[tuple[int, int], _Series] = {}
-    for pid, pdir in _int_dirs(images_dir, "patient_id").items():
-        for sid, sdir in _int_dirs(pdir, "series_id").items():
+    for pid, pdir in _int_dirs(images_dir, "patient_id", reporter).items():
+        for sid, sdir in _int_dirs(pdir, "series_id", reporter).items():
             on_disk[(pid, sid)] = _Series(pid, sid, sdir, series_files(sdir))
     rel = sorted(f.relative_to(source).as_posix() for s in on_disk.values() for f in s.files)
     files_digest = hashlib.sha256("\n".join(rel).encode()).hexdigest()
@@ -162,20 +157,20 @@ def _read_inputs(source: Path) -> _Inputs:
         listed = set(zip(meta["patient_id"], meta["series_id"], strict=True))
         unlisted = sorted(set(on_disk) - listed)
         if unlisted:
-            _warn(
+            reporter.warn(
                 f"{len(unlisted)} series folder(s) are not in {SERIES_META_CSV} and are ignored: "
                 f"{_first(f'{IMAGES_DIR}/{p}/{s}' for p, s in unlisted)}"
             )
         absent = sorted(listed - set(on_disk))
         if absent:
-            _warn(
+            reporter.warn(
                 f"{len(absent)} series in {SERIES_META_CSV} have no folder under {IMAGES_DIR}/ and are "
                 f"left out: {_first(f'{p}/{s}' for p, s in absent)}"
             )
         dropped["series_without_images"] = len(absent)
         keys = sorted(listed & set(on_disk))
     else:
-        _warn(
+        reporter.warn(
             f"{meta_csv} not found; taking series from the {IMAGES_DIR}/<patient_id>/<series_id>/ folders "
             "and leaving aortic_hu and incomplete_organ empty"
         )
@@ -193,13 +188,13 @@ def _read_inputs(source: Path) -> _Inputs:
     with_images = {p for p, _ in keys}
     no_images = sorted(labelled - with_images)
     if no_images:
-        _warn(
+        reporter.warn(
             f"{len(no_images)} patient(s) in {TRAIN_CSV} have no series under {IMAGES_DIR}/ and are "
             f"left out: patient_id {_first(no_images)}"
         )
     no_labels = sorted(with_images - labelled)
     if no_labels:
-        _warn(
+        reporter.warn(
             f"{len(no_labels)} patient(s) have images but no row in {TRAIN_CSV} and are left out: "
             f"patient_id {_first(no_labels)}"
         )
@@ -220,7 +215,7 @@ def _read_inputs(source: Path) -> _Inputs:
     if labels_csv.is_file():
         image_labels, unknown = read_image_labels(labels_csv)
         if unknown:
-            _warn(f"{labels_csv}: ignored rows with unknown injury_name {_first(unknown)}")
+            reporter.warn(f"{labels_csv}: ignored rows with unknown injury_name {_first(unknown)}")
     return _Inputs(
         grades=grades,
         meta=meta,
@@ -278,17 +273,27 @@ def _ingest_series(task: dict) -> dict:
         mask_source=np.array(task["mask"]["source"] if masks is not None else "", dtype=str),
         mask_warnings=np.array(mask_warnings, dtype=str),
         **({"masks": masks} if masks is not None else {}),
+        all_instances=np.array(result.instances, dtype=np.int64),
     )
     # Rename last so a partial file is either complete or absent.
     os.replace(tmp, final)
     return {"label": task["label"], "n": int(len(result.images))}
 
 
+PARTIAL_FORMAT = 2  # 2: partials list every readable instance (all_instances)
+
+
 def _partial_settings(size: int, slices: int, crop_body: bool, files_digest: str) -> dict:
-    return {"size": int(size), "slices_per_series": int(slices), "crop_body": bool(crop_body), "files": files_digest}
+    return {
+        "format": PARTIAL_FORMAT,
+        "size": int(size),
+        "slices_per_series": int(slices),
+        "crop_body": bool(crop_body),
+        "files": files_digest,
+    }
 
 
-def _prepare_partial(partial: Path, settings: dict) -> None:
+def _prepare_partial(partial: Path, settings: dict, reporter: Reporter) -> None:
     """Create ``.partial``; drop finished series of a run with other settings (they would not match)."""
     partial.mkdir(parents=True, exist_ok=True)
     settings_file = partial / "settings.json"
@@ -300,15 +305,13 @@ def _prepare_partial(partial: Path, settings: dict) -> None:
         if old != settings:
             stale = list(partial.glob("*.npz"))
             if stale:
-                _warn(f"discarding {len(stale)} series read by an earlier run with other settings")
+                reporter.warn(f"discarding {len(stale)} series read by an earlier run with other settings")
             for p in stale:
                 p.unlink()
     settings_file.write_text(json.dumps(settings))
 
 
-def _run_tasks(tasks: list[dict], workers: int, n_done: int, n_total: int) -> None:
-    from toolkit.cli_common import make_progress
-
+def _run_tasks(tasks: list[dict], workers: int, n_done: int, n_total: int, reporter: Reporter) -> None:
     workers = max(1, min(workers, len(tasks)))
     pool = None
     futures: dict = {}
@@ -321,7 +324,7 @@ def _run_tasks(tasks: list[dict], workers: int, n_done: int, n_total: int) -> No
         futures = {pool.submit(_ingest_series, t): t["label"] for t in tasks}
     label = ""
     try:
-        with make_progress() as progress:
+        with reporter.progress() as progress:
             bar = progress.add_task("reading series", total=n_total, completed=n_done)
             if pool is None:
                 for t in tasks:
@@ -430,7 +433,8 @@ def prepare_store(
     force : bool, default=False
         Rebuild from scratch when ``out`` already holds a store.
     reporter : Reporter, optional
-        Where warnings about organ masks go (default: :mod:`logging`).
+        Receives warnings about the input and the progress of reading series (default: :mod:`logging`,
+        no bar); the CLI passes :class:`toolkit.cli_common.ConsoleReporter`.
 
     Returns
     -------
@@ -444,21 +448,20 @@ def prepare_store(
         or too few patients for the folds.
     """
     source, out = Path(source), Path(out)
+    reporter = as_reporter(reporter)
     cfg = replace(cfg, data=check_section(cfg.data, "data"))  # load_config's rules, for a Config built in code
     data = cfg.data
     if (out / MANIFEST_FILE).exists() and not force:
         raise ToolkitError(f"{out} already holds a slice store; pass --force to rebuild it")
-    inputs = _read_inputs(source)
+    inputs = _read_inputs(source, reporter)
     if force:
         _clear_outputs(out)
     partial = out / PARTIAL_DIR
     masks, orphans = organ_masks.find_masks(source, [s.series_id for s in inputs.series])
     if orphans:
-        as_reporter(reporter).warn(
-            f"{len(orphans)} mask file(s) name no series of the input and are ignored: {_first(orphans)}"
-        )
+        reporter.warn(f"{len(orphans)} mask file(s) name no series of the input and are ignored: {_first(orphans)}")
     settings = _partial_settings(data.size, data.slices_per_series, data.crop_body, inputs.files_digest)
-    _prepare_partial(partial, {**settings, "masks": organ_masks.masks_digest(masks)})
+    _prepare_partial(partial, {**settings, "masks": organ_masks.masks_digest(masks)}, reporter)
 
     tasks = [
         {
@@ -480,28 +483,28 @@ def prepare_store(
     ]
     todo = [t for t in tasks if not Path(t["partial"]).exists()]
     if len(todo) < len(tasks):
-        from toolkit.cli_common import console
-
         done = len(tasks) - len(todo)
-        console.print(f"resuming: {done} of {len(tasks)} series already read ({partial})", soft_wrap=True)
+        reporter.info(f"resuming: {done} of {len(tasks)} series already read ({partial})")
     workers = int(data.workers) or os.cpu_count() or 1
-    _run_tasks(todo, workers, len(tasks) - len(todo), len(tasks))
+    _run_tasks(todo, workers, len(tasks) - len(todo), len(tasks), reporter)
     store = _assemble(source, out, cfg, inputs, [Path(t["partial"]) for t in tasks], reporter)
     shutil.rmtree(partial, ignore_errors=True)
     return store
 
 
 def _assemble(
-    source: Path, out: Path, cfg: Config, inputs: _Inputs, parts: list[Path], reporter: Reporter | None = None
+    source: Path, out: Path, cfg: Config, inputs: _Inputs, parts: list[Path], reporter: Reporter
 ) -> SliceSet:
     data = cfg.data
     tables, errors, notes, spacing, kept_parts = [], [], [], [], []
+    instances: dict[int, set[int]] = {}
     mask_warnings: list[str] = []
     for s, path in zip(inputs.series, parts, strict=True):
         p = _load_partial(path)
         errors += list(zip(p["error_path"].tolist(), p["error_reason"].tolist(), strict=True))
         notes += p["warnings"].tolist()
         mask_warnings += p["mask_warnings"].tolist()
+        instances[s.series_id] = set(p["all_instances"].tolist())
         if len(p["instance"]) == 0:
             continue
         kept_parts.append(path)
@@ -523,9 +526,9 @@ def _assemble(
         spacing.append(p["spacing"])
     _report_mask_warnings(mask_warnings, reporter)
     for note in notes[:5]:
-        _warn(note)
+        reporter.warn(note)
     if len(notes) > 5:
-        _warn(f"... and {len(notes) - 5} more series with the same kind of ordering fallback")
+        reporter.warn(f"... and {len(notes) - 5} more series with the same kind of ordering fallback")
 
     out.mkdir(parents=True, exist_ok=True)
     errors_df = pd.DataFrame(errors, columns=["path", "reason"])
@@ -533,7 +536,7 @@ def _assemble(
     n_skipped_series = int(errors_df["reason"].str.endswith("series skipped").sum())
     n_skipped = len(errors_df) - n_skipped_series
     if errors:
-        _warn(
+        reporter.warn(
             f"skipped {n_skipped} unreadable file(s) and {n_skipped_series} series without a readable image; "
             f"see {out / ERRORS_FILE}"
         )
@@ -547,7 +550,19 @@ def _assemble(
     grades = inputs.grades[inputs.grades["patient_id"].isin(slices["patient_id"])].reset_index(drop=True)
     lost = len(inputs.grades) - len(grades)
     if lost:
-        _warn(f"{lost} patient(s) have no readable slice and are left out")
+        reporter.warn(f"{lost} patient(s) have no readable slice and are left out")
+    unmatched = 0
+    if inputs.image_labels is not None:
+        rows = unmatched_image_labels(inputs.image_labels, instances)
+        unmatched = len(rows)
+        if unmatched:
+            first = rows.iloc[0]
+            reporter.warn(
+                f"{source / IMAGE_LABELS_CSV}: {unmatched} row(s) name an instance_number that no readable "
+                f"file of their series has, so they label no slice; first: patient_id {first['patient_id']}, "
+                f"series_id {first['series_id']}, instance_number {first['instance_number']} "
+                f"(a slice missing from the export, or unreadable: see {out / ERRORS_FILE})"
+            )
     split = split_patients(grades, data.test_fraction, data.folds, cfg.seed)
     labels = slice_labels(slices, grades, inputs.image_labels)
     table = pd.concat([slices, labels], axis=1).merge(split, on="patient_id", how="left")
@@ -576,7 +591,11 @@ def _assemble(
         "image_level_labels": inputs.image_labels is not None,
         "n_skipped": int(n_skipped),
         "n_skipped_series": n_skipped_series,
-        "dropped": {**inputs.dropped, "patients_without_readable_slices": int(lost)},
+        "dropped": {
+            **inputs.dropped,
+            "patients_without_readable_slices": int(lost),
+            "image_label_rows_without_slice": int(unmatched),
+        },
         "masks": _masks_summary(table, mask_warnings),
         "config": {"seed": int(cfg.seed), "data": asdict(data)},
     }
