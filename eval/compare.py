@@ -40,7 +40,6 @@ from toolkit.artifacts.comparison import (
     GeneratorRecord,
     LevelComparison,
     LogLoss,
-    OperatingPoint,
     OrganComparison,
     Roc,
     RunRecord,
@@ -215,8 +214,8 @@ def score_level(
             delong_se=float(np.sqrt(var)) if np.isfinite(var) else float("nan"),
             fold_aucs=[float(a) for a in sc.fold_aucs],
             mean_fold_auc=float(np.mean(finite_folds)) if finite_folds else float("nan"),
-            full_sensitivity=OperatingPoint(**metrics.operating_point_full_sensitivity(y, sc.prob).to_dict()),
-            youden=OperatingPoint(**metrics.youden_point(y, sc.prob).to_dict()),
+            full_sensitivity=metrics.operating_point_full_sensitivity(y, sc.prob),
+            youden=metrics.youden_point(y, sc.prob),
             roc=Roc(fpr.tolist(), tpr.tolist()),
         )
         if name != baseline:

@@ -27,6 +27,7 @@ from numpy.typing import ArrayLike
 from scipy import stats
 
 from toolkit import GRADED_ORGANS, ORGANS
+from toolkit.artifacts.comparison import OperatingPoint  # a threshold and its figures, as reports store it
 
 # --------------------------------------------------------------------------- validation
 
@@ -394,20 +395,6 @@ def roc_curve(y: ArrayLike, s: ArrayLike) -> tuple[np.ndarray, np.ndarray, np.nd
         tpr = tp / tp[-1] if tp[-1] > 0 else np.full(len(tp), np.nan)
         fpr = fp / fp[-1] if fp[-1] > 0 else np.full(len(fp), np.nan)
     return fpr, tpr, thresholds
-
-
-@dataclass
-class OperatingPoint:
-    """A decision threshold (predict injured when ``score >= threshold``) and its figures."""
-
-    rule: str
-    threshold: float
-    sensitivity: float
-    specificity: float
-    accuracy: float
-
-    def to_dict(self) -> dict:
-        return dict(self.__dict__)
 
 
 def _point(rule: str, y: np.ndarray, s: np.ndarray, threshold: float) -> OperatingPoint:

@@ -74,7 +74,7 @@ class AUCInterval:
 
 @dataclass
 class OperatingPoint:
-    """A threshold (injured when ``score >= threshold``) and its figures (``eval.metrics.OperatingPoint``)."""
+    """A decision threshold (injured when ``score >= threshold``) and its figures (``eval.metrics`` finds them)."""
 
     rule: str
     threshold: float
@@ -86,6 +86,9 @@ class OperatingPoint:
     def from_dict(cls, d: Mapping[str, Any]) -> OperatingPoint:
         return cls(str(d["rule"]), _num(d["threshold"]), _num(d["sensitivity"]), _num(d["specificity"]),
                    _num(d["accuracy"]))
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
 
 
 @dataclass
