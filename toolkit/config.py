@@ -152,6 +152,30 @@ class EvalConfig:
 
 
 @dataclass
+class SegmentConfig:
+    """``toolkit segment``: the 2D organ localizer trained on the store's annotated training series."""
+
+    image_size: int = 128  # network input pixels per side; a multiple of 2 ** (len(channels) - 1)
+    # (level, width) HU windows of the network input, one channel each (soft tissue: organs apart from fat).
+    windows: list[list[float]] = field(default_factory=lambda: [[40.0, 400.0]])
+    channels: list[int] = field(default_factory=lambda: [16, 32, 64, 128])  # MONAI UNet features per level
+    num_res_units: int = 1  # residual units per UNet block (0 = plain convolutions, fastest)
+    epochs: int = 30
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    augment: bool = True  # random rotation, scale, shift and contrast (never a left-right flip: kidneys have sides)
+    # Share of annotated training patients held out (never trained on) to measure Dice; annotated
+    # test-split series are measured too and never trained on either.
+    holdout_fraction: float = 0.2
+    keep_masks: bool = True  # organ_labels.npy keeps the real mask where a series has one (else the prediction)
+    # An organ counts as found in a series when its largest slice area reaches this share of the slice.
+    min_area: float = 0.0005
+    mixed_precision: str = "no"  # no | fp16 | bf16 (accelerate)
+    num_workers: int = 0
+
+
+@dataclass
 class Config:
     seed: int = 0
     phantom: PhantomConfig = field(default_factory=PhantomConfig)
@@ -159,6 +183,7 @@ class Config:
     gen: GenConfig = field(default_factory=GenConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    segment: SegmentConfig = field(default_factory=SegmentConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
