@@ -212,7 +212,8 @@ def predict_labels(
         logits = model(x).float()
         if logits.shape[-1] != size:
             logits = F.interpolate(logits, size=(size, size), mode="bilinear", align_corners=False)
-        out[idx] = logits.argmax(1).to(torch.uint8).cpu().numpy()
+        # max(1).indices: the argmax (first maximum), several times faster than argmax(1) on a CPU.
+        out[idx] = logits.max(1).indices.to(torch.uint8).cpu().numpy()
         if on_batch is not None:
             on_batch(len(idx))
 

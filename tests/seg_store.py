@@ -75,10 +75,10 @@ def make_annotated_store(
     size: int = 64,
     store_size: int = 64,
     slices_per_series: int = 8,
-    annotated_share: float = 0.5,
+    annotated_share: dict[str, float] | None = None,
     seed: int = 0,
 ) -> tuple[Path, Path]:
-    """Phantom -> prepared store -> masks on about ``annotated_share`` of the series of each split.
+    """Phantom -> prepared store -> masks on a share of each split's series (default: half).
 
     Returns
     -------
@@ -92,11 +92,12 @@ def make_annotated_store(
     write_phantom(data_dir, phantom, seed=seed)
     store = prepare_store(data_dir, store_dir, store_cfg(store_size, slices_per_series, seed=seed))
     series = store.table.groupby("series_id")["split"].first()
+    share = {"train": 0.5, "test": 0.5, **(annotated_share or {})}
     chosen: list[int] = []
     for split in ("train", "test"):
-        ids = sorted(int(s) for s in series[series == split].index)
-        k = max(1, int(round(annotated_share * len(ids)))) if ids else 0
-        chosen += ids[::max(1, len(ids) // max(k, 1))][:k]
+        ids = np.random.default_rng(seed).permutation(sorted(int(s) for s in series[series == split].index))
+        k = max(1, int(round(share[split] * len(ids)))) if len(ids) else 0
+        chosen += sorted(int(s) for s in ids[:k])
     add_masks(data_dir, store_dir, chosen)
     return data_dir, store_dir
 
