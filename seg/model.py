@@ -83,9 +83,12 @@ class OrganSegmenter(nn.Module):
         return self.net(x)
 
     def preprocess(self, hu: np.ndarray) -> np.ndarray:
-        """HU slices (n, H, W) -> network input (n, C, S, S), float32 in [0, 1]."""
+        """HU slices (n, H, W) -> network input (n, C, S, S), float32 in [0, 1].
+
+        Resized HU are rounded to integers, as the training slices were held (int16).
+        """
         size = self.config["image_size"]
-        return window_hu(resize_slices(np.asarray(hu, np.float32), size), self.config["windows"])
+        return window_hu(np.round(resize_slices(np.asarray(hu, np.float32), size)), self.config["windows"])
 
     def save_pretrained(self, directory: str | Path, extra: dict[str, Any] | None = None) -> Path:
         """Write ``config.json`` (+ ``extra`` keys) and ``model.safetensors`` into ``directory``."""

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from seg.data import HOLDOUT, TEST, SegmentDataset, resize_labels, split_annotated
+from seg.data import HOLDOUT, TEST, AnnotatedSplit, SegmentDataset, resize_labels, split_annotated
+from seg.engine import STATE_DIR, predict_labels, series_dice, train_segmenter
 from seg.model import CONFIG_NAME, WEIGHTS_NAME, OrganSegmenter, check_segment_config
 from seg.store import (
     AREA_COLUMNS,
@@ -48,8 +50,8 @@ from seg.store import (
     read_masks,
     visibility,
 )
-from toolkit.config import Config, save_config
-from toolkit.errors import ContractError, DataError, ToolkitError
+from toolkit.config import Config, SegmentConfig, save_config
+from toolkit.errors import ConfigError, ContractError, DataError, ToolkitError
 from toolkit.reporting import Reporter, as_reporter
 from toolkit.sliceset import MANIFEST_FILE, SliceSet
 
@@ -116,7 +118,7 @@ def segment_store(
     resume: bool = False,
     force: bool = False,
     reporter: Reporter | None = None,
-    on_epoch_end: Any = None,
+    on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
 ) -> dict[str, Any]:
     """Train the localizer on the store's annotated training series and label every slice.
 
@@ -155,13 +157,6 @@ def segment_store(
         if col not in table.columns:
             raise DataError(f"{store_dir / MANIFEST_FILE} lacks column '{col}'; re-run `toolkit prepare --force`")
     masks = read_masks(store_dir, len(store), store.size)
-    out_dir = store_dir / SEGMENTER_DIR
-
-    if force:
-        shutil.rmtree(out_dir, ignore_errors=True)
-        for name in (LABELS_FILE, ORGANS_FILE):
-            (store_dir / name).unlink(missing_ok=True)
-
     groups = split_annotated(table, sc.holdout_fraction, cfg.seed)
     if not len(groups.fit):
         raise DataError(
@@ -174,19 +169,26 @@ def segment_store(
     if leaked:
         raise ContractError(f"{store_dir / MANIFEST_FILE}: patients in both splits ({sorted(leaked)[:3]}...)")
     fingerprint = _fingerprint(cfg, store, fit_table["series_id"].unique().tolist())
+    outputs = {"keep_masks": bool(sc.keep_masks), "min_area": float(sc.min_area)}
 
+    out_dir = store_dir / SEGMENTER_DIR
+    if force:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        for name in (LABELS_FILE, ORGANS_FILE):
+            (store_dir / name).unlink(missing_ok=True)
     summary_path = out_dir / SUMMARY_FILE
     if summary_path.exists() and (store_dir / ORGANS_FILE).exists() and (store_dir / LABELS_FILE).exists():
         summary = json.loads(summary_path.read_text())
         _check_fingerprint(summary["fingerprint"], fingerprint, out_dir)
-        reporter.info(f"{store_dir} is already segmented (reusing {out_dir}); pass --force to redo it")
-        return summary
+        if summary.get("outputs") == outputs:
+            reporter.info(f"{store_dir} is already segmented (reusing {out_dir}); pass --force to redo it")
+            return summary
 
     start = time.perf_counter()
     try:
         accelerator = Accelerator(mixed_precision=sc.mixed_precision)
     except ValueError as exc:
-        raise ToolkitError(f"segment.mixed_precision: {str(exc).splitlines()[0]}") from None
+        raise ConfigError(f"segment.mixed_precision: {str(exc).splitlines()[0]}") from None
     main = accelerator.is_main_process
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -198,13 +200,13 @@ def segment_store(
             reporter.info(f"reusing the trained segmenter in {out_dir}")
             model = OrganSegmenter.from_pretrained(out_dir).to(accelerator.device)
         else:
-            if (out_dir / "last").exists():
+            if (out_dir / STATE_DIR).exists():
                 if not resume:
                     raise ToolkitError(
-                        f"{out_dir / 'last'} holds an interrupted training; pass --resume to continue it "
+                        f"{out_dir / STATE_DIR} holds an interrupted training; pass --resume to continue it "
                         "or --force to start over"
                     )
-                trainer = json.loads((out_dir / "last" / "trainer.json").read_text())
+                trainer = json.loads((out_dir / STATE_DIR / "trainer.json").read_text())
                 _check_fingerprint(trainer["fingerprint"], fingerprint, out_dir)
                 reporter.info(f"resuming the segmenter after epoch {trainer['epoch'] + 1} of {sc.epochs}")
             reporter.info(
@@ -218,23 +220,51 @@ def segment_store(
             hu = _resized_hu(store.images, groups.fit, sc.image_size)
             labels = resize_labels(np.asarray(masks[groups.fit]), sc.image_size)
             dataset = SegmentDataset(hu, labels, sc.windows, cfg.seed)
-            from seg.engine import train_segmenter
-
             model = train_segmenter(accelerator, sc, cfg.seed, dataset, out_dir, fingerprint, progress, on_epoch_end)
         train_seconds = time.perf_counter() - start
-
-        # Every slice of every series, test split included: the label maps downstream stages read.
-        from seg.engine import predict_labels, series_dice
-
-        tmp_path = store_dir / (LABELS_FILE + ".tmp.npy")
-        pred = np.lib.format.open_memmap(tmp_path, mode="w+", dtype=np.uint8, shape=(len(store), *store.size))
-        task = progress.add_task("label slices", total=len(store), info="")
-        predict_labels(
-            model, store.images, np.arange(len(store)), pred, accelerator.device,
-            batch_size=max(sc.batch_size * 2, 1), on_batch=lambda n: progress.advance(task, n),
+        if main:
+            # Every slice of every series, test split included: the label maps downstream stages read.
+            tmp_path = store_dir / (LABELS_FILE + ".tmp.npy")
+            pred = np.lib.format.open_memmap(tmp_path, mode="w+", dtype=np.uint8, shape=(len(store), *store.size))
+            task = progress.add_task("label slices", total=len(store), info="")
+            predict_labels(
+                model, store.images, np.arange(len(store)), pred, accelerator.device,
+                batch_size=max(sc.batch_size * 2, 1), on_batch=lambda n: progress.advance(task, n),
+            )
+    if main:
+        summary = _write_outputs(store_dir, store, masks, groups, pred, sc, reporter)
+        summary.update(
+            trained_on={
+                "patients": sorted(int(p) for p in fit_table["patient_id"].unique()),
+                "series": int(fit_table["series_id"].nunique()),
+                "slices": int(len(groups.fit)),
+            },
+            train_seconds=round(train_seconds, 1),
+            seconds=round(time.perf_counter() - start, 1),
+            device=str(accelerator.device),
+            fingerprint=fingerprint,
+            outputs=outputs,
         )
+        del pred  # close the memory map before it is renamed
+        tmp_path.replace(store_dir / LABELS_FILE)
+        (store_dir / (ORGANS_FILE + ".tmp")).replace(store_dir / ORGANS_FILE)
+        summary_path.write_text(json.dumps(summary, indent=2))
+    accelerator.wait_for_everyone()
+    return json.loads(summary_path.read_text())
 
-    # Dice on annotated series never trained on, from the predictions (before real masks replace them).
+
+def _write_outputs(
+    store_dir: Path,
+    store: SliceSet,
+    masks: np.ndarray,
+    groups: AnnotatedSplit,
+    pred: np.ndarray,
+    sc: SegmentConfig,
+    reporter: Reporter,
+) -> dict[str, Any]:
+    """Dice on the never-trained series, then real masks into ``pred``, visibility, ``organs.csv.tmp``."""
+    table = store.table
+    # Dice of the predictions, before real masks replace them.
     frames = []
     for group in (HOLDOUT, TEST):
         rows = groups.rows(group)
@@ -243,56 +273,32 @@ def segment_store(
             d.insert(0, "group", group)
             d.insert(1, "patient_id", d["series_id"].map(table.groupby("series_id")["patient_id"].first()))
             frames.append(d)
-    dice = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
-        columns=["group", "patient_id", "series_id", "slices", *SEG_ORGANS]
-    )
+    columns = ["group", "patient_id", "series_id", "slices", *SEG_ORGANS]
+    dice = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
+    dice.to_csv(store_dir / SEGMENTER_DIR / "dice.csv", index=False)
 
-    has_mask = annotated(table)
-    source = np.where(has_mask, table[MASK_SOURCE].fillna("").astype(str), PREDICTED) if sc.keep_masks else (
-        np.full(len(table), PREDICTED)
-    )
-    if sc.keep_masks:
-        for start_row in range(0, len(table), 512):
-            chunk = slice(start_row, start_row + 512)
-            keep = has_mask[chunk]
-            if keep.any():
-                block = np.asarray(pred[chunk])
-                block[keep] = np.asarray(masks[chunk])[keep]
-                pred[chunk] = block
+    has_mask = annotated(table) & bool(sc.keep_masks)
+    for start in range(0, len(table), 512):
+        keep = has_mask[start : start + 512]
+        if keep.any():
+            block = np.asarray(pred[start : start + 512])
+            block[keep] = np.asarray(masks[start : start + 512])[keep]
+            pred[start : start + 512] = block
     pred.flush()
 
-    min_pixels = sc.min_area * store.size[0] * store.size[1]
-    area, vis = visibility(pred, table["series_id"].to_numpy(), min_pixels)
+    area, vis = visibility(pred, table["series_id"].to_numpy(), sc.min_area * store.size[0] * store.size[1])
     organs = table[["patient_id", "series_id", "instance", "split"]].copy()
-    organs["label_source"] = source
+    organs["label_source"] = np.where(has_mask, table[MASK_SOURCE].fillna("").astype(str), PREDICTED)
     organs[list(AREA_COLUMNS)] = area
     organs[list(VIS_COLUMNS)] = np.round(vis, 4)
     missing = _warn_missing(organs, vis, reporter)
-
-    summary = {
+    organs.to_csv(store_dir / (ORGANS_FILE + ".tmp"), index=False)
+    return {
         "dice": _dice_summary(dice),
-        "trained_on": {
-            "patients": sorted(int(p) for p in fit_table["patient_id"].unique()),
-            "series": int(fit_table["series_id"].nunique()),
-            "slices": int(len(groups.fit)),
-        },
         "labels": SEG_LABELS,
         "label_maps": "real mask where a series has one, else predicted" if sc.keep_masks else "predicted",
         "missing_organs": missing,
-        "train_seconds": round(train_seconds, 1),
-        "seconds": round(time.perf_counter() - start, 1),
-        "device": str(accelerator.device),
-        "fingerprint": fingerprint,
     }
-    if main:
-        del pred  # close the memory map before renaming it
-        dice.to_csv(out_dir / "dice.csv", index=False)
-        organs.to_csv(store_dir / (ORGANS_FILE + ".tmp"), index=False)
-        tmp_path.replace(store_dir / LABELS_FILE)
-        (store_dir / (ORGANS_FILE + ".tmp")).replace(store_dir / ORGANS_FILE)
-        summary_path.write_text(json.dumps(summary, indent=2))
-    accelerator.wait_for_everyone()
-    return summary
 
 
 def _resized_hu(images: np.ndarray, rows: np.ndarray, size: int) -> np.ndarray:
@@ -306,8 +312,11 @@ def _resized_hu(images: np.ndarray, rows: np.ndarray, size: int) -> np.ndarray:
     return out
 
 
-def _warn_missing(organs: pd.DataFrame, vis: np.ndarray, reporter: Reporter) -> dict[str, list[str]]:
-    """One warning per series in which some organ was found on no slice; returns {series: organs}."""
+def _warn_missing(
+    organs: pd.DataFrame, vis: np.ndarray, reporter: Reporter, limit: int = 20
+) -> dict[str, list[str]]:
+    """One warning per series in which some organ was found on no slice (the first ``limit``, then a
+    count); returns {series: organs}."""
     found = pd.DataFrame(vis > 0, columns=list(SEG_ORGANS)).groupby(organs["series_id"].to_numpy()).any()
     missing: dict[str, list[str]] = {}
     for series_id, row in found.iterrows():
@@ -315,9 +324,15 @@ def _warn_missing(organs: pd.DataFrame, vis: np.ndarray, reporter: Reporter) -> 
         if not absent:
             continue
         missing[str(series_id)] = absent
+        if len(missing) > limit:
+            continue
         patient = int(organs.loc[organs["series_id"] == series_id, "patient_id"].iloc[0])
         reporter.warn(
             f"series {series_id} (patient {patient}): no {', '.join(absent)} found on any slice; "
             f"{'its' if len(absent) == 1 else 'their'} visibility is 0 there, the other organs are usable"
+        )
+    if len(missing) > limit:
+        reporter.warn(
+            f"{len(missing) - limit} more series lack an organ; segmenter/summary.json lists all under missing_organs"
         )
     return missing

@@ -146,15 +146,24 @@ def test_label_maps_and_visibility_are_aligned_with_the_store(segmented: tuple) 
     np.testing.assert_allclose(organs["vis_liver"], liver.round(4), atol=1e-4)
 
 
-def test_rerun_reuses_and_a_changed_config_needs_force(segmented: tuple) -> None:
-    store_dir, summary, _ = segmented
-    before = (store_dir / LABELS_FILE).stat().st_mtime_ns
+def test_rerun_reuses_and_a_changed_config_needs_force(segmented: tuple, tmp_path: Path) -> None:
+    store_dir = shutil.copytree(segmented[0], tmp_path / "store")
+    summary = segmented[1]
+    weights = store_dir / SEGMENTER_DIR / "model.safetensors"
+    before = {p: p.stat().st_mtime_ns for p in (store_dir / LABELS_FILE, weights)}
     reporter = Recorder()
     again = segment_store(store_dir, tiny_cfg(), reporter=reporter)
     assert again["dice"] == summary["dice"] and "already segmented" in reporter.infos[-1]
-    assert (store_dir / LABELS_FILE).stat().st_mtime_ns == before
+    assert all(p.stat().st_mtime_ns == t for p, t in before.items())
     with pytest.raises(ContractError, match="segment.epochs"):
         segment_store(store_dir, tiny_cfg(epochs=3))
+    # Output settings only: the trained segmenter is reused, the outputs are rewritten.
+    reporter = Recorder()
+    predicted = segment_store(store_dir, tiny_cfg(keep_masks=False), reporter=reporter)
+    assert any("reusing the trained segmenter" in m for m in reporter.infos)
+    assert weights.stat().st_mtime_ns == before[weights]
+    assert predicted["dice"] == summary["dice"]
+    assert (read_organs(store_dir)["label_source"] == PREDICTED).all()
 
 
 def test_deterministic_for_a_seed_and_resume_ends_where_a_full_run_does(workspace: Path, tmp_path: Path) -> None:
