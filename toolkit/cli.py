@@ -37,11 +37,13 @@ def _register_all() -> None:
     # Each stage owns its commands; import order is the order shown in --help.
     from eval.cli import register as register_eval
     from gen.cli import register as register_gen
+    from seg.cli import register as register_seg
     from toolkit.cli_data import register as register_data
     from toolkit.demo import register as register_demo
     from train.cli import register as register_train
 
     register_data(app)
+    register_seg(app)
     register_gen(app)
     register_train(app)
     register_eval(app)

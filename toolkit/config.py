@@ -251,6 +251,31 @@ class EvalConfig:
 
 
 @dataclass
+class SegmentConfig:
+    """``toolkit segment``: the 2D organ localizer trained on the store's annotated training series."""
+
+    image_size: int = setting(128, ge=8)  # network input pixels per side; a multiple of 2 ** (len(channels) - 1)
+    # (level, width) HU windows of the network input, one channel each (soft tissue: organs apart from fat).
+    windows: list[list[float]] = setting(factory=lambda: [[40.0, 400.0]], min_len=1, check=_windows_expectation)
+    # MONAI UNet features per level
+    channels: list[int] = setting(factory=lambda: [16, 32, 64, 128], ge=1, min_len=2)
+    num_res_units: int = setting(1, ge=0)  # residual units per UNet block (0 = plain convolutions, fastest)
+    epochs: int = setting(30, ge=1)
+    batch_size: int = setting(32, ge=1)
+    lr: float = setting(1e-3, gt=0.0)
+    weight_decay: float = setting(1e-4, ge=0.0)
+    augment: bool = True  # random rotation, scale, shift and contrast (never a left-right flip: kidneys have sides)
+    # Share of annotated training patients held out (never trained on) to measure Dice; annotated
+    # test-split series are measured too and never trained on either.
+    holdout_fraction: float = setting(0.2, ge=0.0, lt=1.0)
+    keep_masks: bool = True  # organ_labels.npy keeps the real mask where a series has one (else the prediction)
+    # An organ counts as found in a series when its largest slice area reaches this share of the slice.
+    min_area: float = setting(0.0005, ge=0.0, lt=1.0)
+    mixed_precision: str = setting("no", choices=("no", "fp16", "bf16"))  # accelerate
+    num_workers: int = setting(0, ge=0)
+
+
+@dataclass
 class Config:
     seed: int = setting(0, ge=0)
     phantom: PhantomConfig = setting(factory=PhantomConfig)
@@ -258,6 +283,7 @@ class Config:
     gen: GenConfig = setting(factory=GenConfig)
     train: TrainConfig = setting(factory=TrainConfig)
     eval: EvalConfig = setting(factory=EvalConfig)
+    segment: SegmentConfig = setting(factory=SegmentConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
