@@ -370,8 +370,8 @@ def write_plan(folder: StudyFolder, cfg: Config, jobs: list[Job], subsets: pd.Da
             "generator_jobs": sum(j.kind == "gen" for j in jobs), "train_jobs": sum(j.kind == "train" for j in jobs),
             "primary": family, "training_seeds": training_seeds(cfg)}
     write_atomic(folder.plan_path, json.dumps(plan, indent=2))
-    write_atomic(folder.jobs_path, pd.DataFrame([j.row() for j in jobs], columns=list(JOB_COLUMNS))
-                 .to_csv(index=False))
+    table = pd.DataFrame([j.row() for j in jobs], columns=list(JOB_COLUMNS)).astype({"seed": "Int64", "fold": "Int64"})
+    write_atomic(folder.jobs_path, table.to_csv(index=False))
     write_atomic(folder.subsets_path, subsets.to_csv(index=False))
 
 

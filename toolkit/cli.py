@@ -37,6 +37,7 @@ def _register_all() -> None:
     # Each stage owns its commands; import order is the order shown in --help.
     from eval.cli import register as register_eval
     from gen.cli import register as register_gen
+    from study.cli import register as register_study
     from toolkit.cli_data import register as register_data
     from toolkit.demo import register as register_demo
     from train.cli import register as register_train
@@ -45,6 +46,7 @@ def _register_all() -> None:
     register_gen(app)
     register_train(app)
     register_eval(app)
+    register_study(app)
     register_demo(app)
 
 
