@@ -51,7 +51,7 @@ class Interval:
     sd_seeds: float  # spread of the per-seed values (NaN with one seed)
     se_patients: float
     se_seeds: float
-    df: float  # of the t quantile (inf: normal)
+    df: float  # degrees of freedom of the seed part (inf: one seed, none)
     per_seed: list[float]
 
     @classmethod

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import json
 import shutil
 import uuid
 from dataclasses import dataclass, field
@@ -110,7 +109,6 @@ def open_study(ws: Workspace, cfg: Config, force: bool = False, reporter: Report
 
     if force and folder.path.exists():
         shutil.rmtree(folder.path)
-    created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     if folder.config_path.exists():
         saved = yaml.safe_load(folder.config_path.read_text()) or {}
         changed = design_differences(saved, cfg.to_dict())
@@ -126,11 +124,11 @@ def open_study(ws: Workspace, cfg: Config, force: bool = False, reporter: Report
                 f"{folder.subsets_path} no longer matches the store's training patients (was the store re-prepared?); "
                 "pass --force to start the study over on this store"
             )
-        created = json.loads(folder.plan_path.read_text()).get("created", created)
-    else:
+    else:  # shards that start together all write the same files, each replaced whole
+        created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        write_plan(folder, cfg, jobs, subsets, created)
+        save_config(cfg, folder.config_path)  # last: its presence says the design is saved
         as_reporter(reporter).info(f"study '{study.name}': design saved to {folder.config_path} before any job runs")
-    save_config(cfg, folder.config_path)
-    write_plan(folder, cfg, jobs, subsets, created)
     return Study(folder=folder, cfg=cfg, store=store, subsets=subsets, jobs=jobs, n_folds=n_folds)
 
 

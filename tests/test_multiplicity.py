@@ -62,8 +62,8 @@ def test_a_null_study_keeps_the_family_wise_false_verdict_rate_at_alpha():
     studies = [_null_study(rng, organs=5, arms=3, seeds=2, n=40, n_boot=200) for _ in range(200)]
     false_verdict = np.mean([any(c.verdict in ("improved", "worse") for c in study) for study in studies])
     error = np.sqrt(0.05 * 0.95 / len(studies))
-    assert false_verdict <= 0.05 + 2 * error, false_verdict  # measured: 0.01
+    assert false_verdict <= 0.05 + 2 * error, false_verdict  # measured: 0.04
     # The same comparisons judged one by one at p < 0.05 (no correction) would be wrong in many more studies.
     uncorrected = np.mean([any(c.p < 0.05 for c in study) for study in studies])
-    assert uncorrected > 0.15, uncorrected  # measured: 0.315
+    assert uncorrected > 0.15, uncorrected  # measured: 0.385
     assert all(len(study) == 15 for study in studies)
