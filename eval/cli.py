@@ -65,8 +65,9 @@ def compare(
 
     Per organ: patient- and slice-level AUC with patient-bootstrap 95% CIs, the AUC change vs the
     baseline with the paired DeLong p-value and a paired-bootstrap CI, full-sensitivity and Youden
-    operating points, single-fold vs ensemble AUC, the RSNA 2023 weighted log loss, and a verdict
-    ("improved" / "worse" only when the CI excludes 0 and p < alpha). Writes reports/<name>/report.md,
+    operating points, single-fold vs ensemble AUC, the RSNA 2023 weighted log loss, and a patient-level
+    verdict ("improved" / "worse" only when the CI excludes 0 and p < alpha, both Holm-corrected across
+    organs x compared runs; slice-level figures are descriptive). Writes reports/<name>/report.md,
     report.html (self-contained), report.json and plots. Refuses runs trained on different splits.
     """
     from eval.compare import compare_runs, report_dir

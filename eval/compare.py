@@ -13,6 +13,9 @@ level (the headline) and at slice level:
 
 A verdict is never read off a point estimate: "improved" needs the delta CI
 above 0 *and* p < alpha, "worse" the mirror image, otherwise "no evidence of change".
+Verdicts are given at patient level only, Holm-adjusted across every organ x compared
+run (:mod:`eval.multiplicity`): the p-value is Holm's adjusted one and the delta CI is
+computed at the level that comparison was tested at. Slice-level deltas are descriptive.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import numpy as np
 import pandas as pd
 
 from eval import metrics
+from eval.multiplicity import METHOD, holm
 from eval.runs import Run, list_runs, load_run, settings_mismatch
 from toolkit import ORGANS
 from toolkit.artifacts.comparison import (
@@ -53,6 +57,7 @@ from toolkit.workspace import Workspace
 IMPROVED = "improved"
 WORSE = "worse"
 NO_EVIDENCE = "no evidence of change"
+DESCRIPTIVE = "descriptive"  # the verdict field of figures that are not tested (slice level)
 SLICE_KEYS = ["patient_id", "series_id", "instance"]
 
 
@@ -195,6 +200,8 @@ def score_level(
 ) -> LevelComparison:
     """Every figure of one organ at one level, for every run (baseline first).
 
+    The verdicts are the unadjusted rule at the nominal level; :func:`adjust_verdicts` replaces the
+    patient-level ones by Holm's across organs and runs and marks the slice level descriptive.
     ``on_run(name)`` is called after each run is scored (progress reporting).
     """
     ev = cfg.eval
@@ -230,6 +237,7 @@ def score_level(
                 p=test.p,
                 n_valid_boot=dci.n_valid,
                 verdict=verdict(dci.low, dci.high, test.p, ev.alpha),
+                ci_level=ev.ci,
             )
         runs_out[name] = entry
         if on_run is not None:
@@ -237,6 +245,45 @@ def score_level(
     return LevelComparison(
         n=int(len(y)), n_positive=int(y.sum()), n_patients=int(len(np.unique(base.groups))), runs=runs_out
     )
+
+
+def adjust_verdicts(
+    organs: dict[str, OrganComparison],
+    patient_scores: dict[str, dict[str, LevelScores]],
+    baseline: str,
+    cfg: Config,
+    seeds: dict[str, int],
+) -> None:
+    """Holm across every organ x compared run at patient level; slice-level verdicts become descriptive.
+
+    Each patient-level delta gets Holm's adjusted p-value, a paired-bootstrap CI at the level it was
+    tested at (``1 - alpha_j``, :func:`eval.multiplicity.holm`) and the verdict of :func:`verdict` on those.
+
+    Parameters
+    ----------
+    organs : dict
+        organ -> its comparison from :func:`score_level` (changed in place).
+    patient_scores : dict
+        organ -> run -> the patient-level scores the comparison was computed from.
+    seeds : dict
+        organ -> the bootstrap seed its comparison used (the same resamples, other quantiles).
+    """
+    ev = cfg.eval
+    family = [(organ, name) for organ, res in organs.items() for name, e in res.patient.runs.items()
+              if e.vs_baseline is not None]
+    result = holm([organs[o].patient.runs[n].vs_baseline.p for o, n in family], ev.alpha)
+    for (organ, name), p_adjusted, level in zip(family, result.adjusted, result.levels, strict=True):
+        vs = organs[organ].patient.runs[name].vs_baseline
+        base, run = patient_scores[organ][baseline], patient_scores[organ][name]
+        dci = metrics.bootstrap_auc_delta_ci(base.y, base.prob, run.prob, None, ev.bootstrap, float(level),
+                                             seeds[organ])
+        vs.ci_low, vs.ci_high, vs.n_valid_boot = dci.low, dci.high, dci.n_valid
+        vs.ci_level, vs.p_adjusted = float(level), float(p_adjusted)
+        vs.verdict = verdict(dci.low, dci.high, float(p_adjusted), ev.alpha)
+    for res in organs.values():
+        for entry in res.slice.runs.values():
+            if entry.vs_baseline is not None:
+                entry.vs_baseline.verdict = DESCRIPTIVE
 
 
 def rsna_scores(runs: list[Run], organs: list[str]) -> dict[str, LogLoss]:
@@ -326,7 +373,9 @@ def compare_runs(
     steps = sum(2 * sum(r.has_organ(o) for r in selected) for o in organs)
     task = progress.add_task("bootstrap", total=steps) if progress is not None else None
     organ_results: dict[str, OrganComparison] = {}
-    for i, organ in enumerate(organs):
+    patient_scores: dict[str, dict[str, LevelScores]] = {}
+    seeds = {organ: cfg.seed + 1000 * i for i, organ in enumerate(organs)}
+    for organ in organs:
         present = [r for r in selected if r.has_organ(organ)]
         levels = load_level_scores(present, organ)
         scored: dict[str, LevelComparison] = {}
@@ -337,14 +386,16 @@ def compare_runs(
                     progress.update(task, advance=1, info=f"{organ} {level} {name}")
 
             # One seed per organ and level, shared by every run, so runs are paired.
-            scored[level] = score_level(levels[level], baseline.name, level, cfg, cfg.seed + 1000 * i, advance)
+            scored[level] = score_level(levels[level], baseline.name, level, cfg, seeds[organ], advance)
+        patient_scores[organ] = levels["patient"]
         n_pos = scored["patient"].n_positive
         low_power = n_pos < cfg.eval.min_positives
         organ_results[organ] = OrganComparison(
             patient=scored["patient"],
             slice=scored["slice"],
             low_power=low_power,
-            note=f"only {n_pos} injured test patient(s): the comparison has little power" if low_power else "",
+            note=(f"only {n_pos} injured test patient(s): the comparison has little power and its intervals "
+                  "cover less often than their level says") if low_power else "",
             # Runs match on these (``organs`` is a match key), so the baseline's stand for all.
             settings=baseline.organ_settings(organ),
             generators={
@@ -353,6 +404,8 @@ def compare_runs(
                 if r.name != baseline.name
             },
         )
+
+    adjust_verdicts(organ_results, patient_scores, baseline.name, cfg, seeds)
 
     result = Comparison(
         baseline=baseline.name,
@@ -365,6 +418,7 @@ def compare_runs(
             alpha=cfg.eval.alpha,
             min_positives=cfg.eval.min_positives,
             seed=cfg.seed,
+            multiplicity=METHOD,
         ),
         organs=organ_results,
         rsna_log_loss=rsna_scores(selected, organs),

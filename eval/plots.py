@@ -68,7 +68,7 @@ def plot_deltas(result: Comparison, path: Path) -> Path:
     ax.set_xticks(range(len(organs)))
     ax.set_xticklabels(organs)
     ax.set_ylabel(f"AUC - AUC({result.baseline})")
-    ax.set_title("Patient-level AUC change vs baseline (95% patient-bootstrap CI)", fontsize=10)
+    ax.set_title("Patient-level AUC change vs baseline (patient-bootstrap CI, Holm-matched level)", fontsize=10)
     if others:
         ax.legend(fontsize=7)
     fig.tight_layout()

@@ -46,13 +46,19 @@ def _delta(vs: Delta) -> str:
     return f"{vs.delta:+.3f} [{_f(vs.ci_low)}, {_f(vs.ci_high)}]" if math.isfinite(vs.delta) else "n/a"
 
 
+def _level(vs: Delta) -> str:
+    """The CI's confidence level: ``98.3%`` (Holm-matched levels are not round)."""
+    return "n/a" if not math.isfinite(vs.ci_level) else f"{100 * vs.ci_level:.4g}%"
+
+
 def _ratio(result: Comparison, name: str) -> str:
     r = result.runs[name].synthetic_ratio
     return "n/a" if r is None else f"{float(r):g}"
 
 
 def summary_rows(result: Comparison) -> list[list[str]]:
-    """Patient-level headline rows: organ, run, synthetic ratio, AUC [CI], delta [CI], p, verdict."""
+    """Patient-level headline rows: organ, run, synthetic ratio, AUC [CI], delta [CI], CI level, p,
+    Holm-adjusted p, verdict."""
     rows = []
     for organ, res in result.organs.items():
         for name, entry in res.patient.runs.items():
@@ -64,7 +70,9 @@ def summary_rows(result: Comparison) -> list[list[str]]:
                     _ratio(result, name),
                     _ci(entry.auc),
                     _delta(vs) if vs else "baseline",
+                    _level(vs) if vs else "",
                     _p(vs.p) if vs else "",
+                    _p(vs.p_adjusted) if vs else "",
                     vs.verdict if vs else "",
                 ]
             )
@@ -76,8 +84,10 @@ SUMMARY_HEADERS = [
     "run",
     "synthetic ratio",
     "AUC [95% CI]",
-    "Δ AUC [95% CI]",
+    "Δ AUC [CI]",
+    "CI level (Holm)",
     "p (DeLong)",
+    "p (Holm)",
     "verdict",
 ]
 
@@ -88,6 +98,7 @@ def _level_table(level: LevelComparison) -> Block:
         "AUC [CI]",
         "mean fold AUC",
         "Δ AUC [CI]",
+        "CI level",
         "p",
         "verdict",
         "full-sens. threshold",
@@ -106,6 +117,7 @@ def _level_table(level: LevelComparison) -> Block:
                 _ci(e.auc),
                 _f(e.mean_fold_auc),
                 _delta(vs) if vs else "baseline",
+                _level(vs) if vs else "",
                 _p(vs.p) if vs else "",
                 vs.verdict if vs else "",
                 _f(fs.threshold),
@@ -126,14 +138,19 @@ METHODS = (
     "is the run's slice-to-patient aggregate. AUC confidence intervals are percentile bootstraps that "
     "resample patients (all slices of a drawn patient together), {n_boot} resamples, seed {seed}. "
     "The change in AUC vs the baseline is tested with the paired DeLong test (fast midrank algorithm, "
-    "Sun & Xu 2014) and bounded by a paired patient bootstrap ({ci:.0%} CI). A run is called improved "
-    "(worse) for an organ only when that CI lies entirely above (below) 0 and p < {alpha}; anything "
-    "else is reported as no evidence of change, whatever the point estimate."
+    "Sun & Xu 2014) and bounded by a paired patient bootstrap. Verdicts are given at patient level only "
+    "and corrected for multiplicity with Holm's step-down procedure across all {m} comparisons (organs x "
+    "compared runs), which keeps the chance of any false verdict at or below {alpha}: a run is called "
+    "improved (worse) for an organ only when the Holm-adjusted p < {alpha} and the paired-bootstrap CI, "
+    "computed at the level that comparison was tested at (1 - {alpha}/k for the k-th smallest p counted "
+    "from the top; the 'CI level' column), lies entirely above (below) 0. Anything else is reported as no "
+    "evidence of change, whatever the point estimate. Slice-level figures and every AUC interval of a "
+    "single run ({ci:.0%}) are descriptive and carry no verdict."
 )
 
 CAVEATS = [
-    "No correction for multiple comparisons across organs and runs: with many of them, one nominal "
-    "'improved' can be chance.",
+    "Verdicts are Holm-corrected across organs and runs; with many comparisons a real but small change "
+    "can stay 'no evidence of change'. One run compared on one organ is tested at the plain level.",
     "Patient scores are slice aggregates (e.g. the maximum), not calibrated probabilities; the RSNA "
     "log loss rewards calibration and is shown for reference only. Graded organs (kidney, liver, "
     "spleen) enter it only when a run gives healthy/low/high probabilities, so the score is not the "
@@ -190,13 +207,14 @@ def build_blocks(result: Comparison) -> list[Block]:
         )
     for note in result.notes:
         blocks.append(("warn", note))
-    low = [o for o, r in result.organs.items() if r.low_power]
+    low = {o: r.patient.n_positive for o, r in result.organs.items() if r.low_power}
     if low:
+        counts = ", ".join(f"{o} ({n})" for o, n in low.items())
         blocks.append(
             (
                 "warn",
-                f"Fewer than {ev.min_positives} injured test patients for {', '.join(low)}: "
-                "those comparisons have little power.",
+                f"Fewer than {ev.min_positives} injured test patients for {counts}: those comparisons have "
+                "little power and their intervals cover less often than their level says.",
             )
         )
     blocks.append(("h2", "Summary (patient level)"))
@@ -247,7 +265,8 @@ def build_blocks(result: Comparison) -> list[Block]:
         blocks.append(("p", "Left out: " + "; ".join(f"{g} ({r})" for g, r in reasons.items()) + "."))
 
     blocks.append(("h2", "Methods"))
-    blocks.append(("p", METHODS.format(n_boot=ev.bootstrap, seed=ev.seed, ci=ev.ci, alpha=ev.alpha)))
+    m = sum(e.vs_baseline is not None for res in result.organs.values() for e in res.patient.runs.values())
+    blocks.append(("p", METHODS.format(n_boot=ev.bootstrap, seed=ev.seed, ci=ev.ci, alpha=ev.alpha, m=m)))
     blocks.append(("h2", "Caveats"))
     for c in CAVEATS:
         blocks.append(("li", c))
@@ -286,11 +305,11 @@ _CSS = (
 )
 
 
-def render_html(blocks: list[Block], images: dict[str, Path]) -> str:
+def render_html(blocks: list[Block], images: dict[str, Path], title: str = "toolkit compare") -> str:
     """A single HTML file: plots embedded as base64 PNG data URIs, no external resources."""
     e = html.escape
     out = [
-        "<!doctype html><html><head><meta charset='utf-8'><title>toolkit compare</title>"
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{e(title)}</title>"
         f"<style>{_CSS}</style>"
         "</head><body>"
     ]
@@ -343,19 +362,24 @@ def write_html(result: Comparison, path: Path, images: dict[str, Path]) -> Path:
 
 
 def summary_table(result: Comparison):
-    """A rich Table of the patient-level headline (for the terminal), one section per organ."""
+    """A rich Table of the patient-level headline (for the terminal), one section per organ.
+
+    Narrower than the report's table: the Holm-adjusted p-value only (the CI level is in the report).
+    """
     from rich.table import Table
 
-    table = Table(title=f"test AUC by organ vs '{result.baseline}' (patient level, 95% CI)")
-    for h in ("organ", "run", "ratio", "AUC [CI]", "Δ AUC [CI]", "p", "verdict"):
+    table = Table(title=f"test AUC by organ vs '{result.baseline}' (patient level, Holm-corrected verdicts)")
+    for h in ("organ", "run", "ratio", "AUC [95% CI]", "Δ AUC [CI]", "p (Holm)", "verdict"):
         left = h in ("organ", "run", "verdict")
         # Cells wrap (at spaces) in narrow terminals; names and verdicts keep a readable width.
         table.add_column(h, justify="left" if left else "right", min_width=9 if left else None)
     styles = {"improved": "bold green", "worse": "bold red"}
     organ = None
     for row in summary_rows(result):
-        if organ is not None and row[0] != organ:
+        organ_, run, ratio, auc, delta, _level, _p_raw, p_holm, verdict_ = row
+        if organ is not None and organ_ != organ:
             table.add_section()
-        organ = row[0]
-        table.add_row(*row[:-1], f"[{styles[row[-1]]}]{row[-1]}[/]" if row[-1] in styles else row[-1])
+        organ = organ_
+        shown = f"[{styles[verdict_]}]{verdict_}[/]" if verdict_ in styles else verdict_
+        table.add_row(organ_, run, ratio, auc, delta, p_holm, shown)
     return table

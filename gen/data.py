@@ -7,6 +7,7 @@ seen by a generator, so synthetic slices cannot leak the test set into training.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import numpy as np
@@ -112,10 +113,17 @@ def train_patients_hash(patient_ids: np.ndarray) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def load_training_data(store: SliceSet, organ: str, cfg: Config) -> TrainingData:
+def load_training_data(
+    store: SliceSet, organ: str, cfg: Config, patients: Collection[int] | None = None
+) -> TrainingData:
     """Select ``organ``'s training slices from the real store and check there are enough.
 
     Rows with a missing or negative label are left out (unlabelled for this organ).
+
+    Parameters
+    ----------
+    patients : collection of int, optional
+        Train only on these train-split patients (a study's real-data fraction); default: every one.
     """
     check_organ(organ)
     names = class_names_for(organ, cfg.gen.conditioning)
@@ -126,8 +134,11 @@ def load_training_data(store: SliceSet, organ: str, cfg: Config) -> TrainingData
     if not cfg.data.windows:
         raise ToolkitError("data.windows is empty; the generator needs at least one (level, width) HU window")
     grade = table[organ].to_numpy(dtype=np.float64)
-    keep = (table["split"].to_numpy() == "train") & np.isfinite(grade) & (grade >= 0)
-    n_train_patients = int(table.loc[table["split"] == "train", "patient_id"].nunique())
+    allowed = table["split"].to_numpy() == "train"
+    if patients is not None:
+        allowed &= np.isin(table["patient_id"].to_numpy(), np.fromiter(patients, np.int64))
+    keep = allowed & np.isfinite(grade) & (grade >= 0)
+    n_train_patients = int(table.loc[allowed, "patient_id"].nunique())
     if not keep.any():
         raise ToolkitError(f"slice store has no labelled '{organ}' slices of split 'train'; re-run `toolkit prepare`")
     grade = grade[keep].astype(np.int64)

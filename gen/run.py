@@ -20,6 +20,7 @@ import hashlib
 import json
 import math
 import shutil
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +91,7 @@ def generate(
     resume: bool = False,
     force: bool = False,
     reporter: Reporter | None = None,
+    train_patients: Collection[int] | None = None,
 ) -> Path:
     """Train ``organ``'s generator on the store's train split, sample, audit, write the synthetic set.
 
@@ -110,6 +112,9 @@ def generate(
         Overwrite an existing synthetic set (and, without ``resume``, its checkpoint).
     reporter : Reporter, optional
         Where progress and messages go (default: logging, no progress bars).
+    train_patients : collection of int, optional
+        Train on these train-split patients only (a study's real-data fraction): ``train_patients.csv``
+        and the generator id record exactly the patients used. Default: the whole train split.
 
     Returns
     -------
@@ -129,7 +134,7 @@ def generate(
         raise ToolkitError(f"no slice store at {ws.store_dir}; run `toolkit prepare` first")
     store = SliceSet.load(ws.store_dir)
     check_image_sizes(cfg, store.size[0], ws.store_dir, "gen")
-    data = load_training_data(store, organ, cfg)
+    data = load_training_data(store, organ, cfg, patients=train_patients)
 
     out = ws.synthetic_dir(organ)
     state = PartialState()

@@ -14,7 +14,8 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from eval.compare import IMPROVED, NO_EVIDENCE, WORSE, compare_runs, report_dir, verdict
+from eval.compare import DESCRIPTIVE, IMPROVED, NO_EVIDENCE, WORSE, compare_runs, report_dir, verdict
+from eval.multiplicity import holm
 from toolkit import GRADED_ORGANS, ORGANS
 from toolkit.artifacts.comparison import REPORT_JSON, Comparison, json_safe
 from toolkit.artifacts.run import OrganSettings, RunFolder, RunInfo
@@ -275,3 +276,27 @@ def test_report_says_which_layers_were_fine_tuned(blocks: int, text: str) -> Non
 
     settings = OrganSettings.from_train(TrainConfig(image_size=96, trainable_blocks=blocks))
     assert _classifier_text(settings) == text
+
+
+def test_compare_verdicts_are_holm_corrected_across_organs_and_runs(tmp_path):
+    write_scored_run(tmp_path, "real-only", 0.0, separation=0.3, noise_seed=1)
+    write_scored_run(tmp_path, "synthetic-0.5", 0.5, separation=1.2, noise_seed=2)
+    write_scored_run(tmp_path, "synthetic-1.0", 1.0, separation=0.6, noise_seed=3)
+    result = compare_runs(Workspace(tmp_path), _cfg())
+    family = [(o, n) for o in ORGANS for n in ("synthetic-0.5", "synthetic-1.0")]
+    deltas = [result.organs[o].patient.runs[n].vs_baseline for o, n in family]
+    expected = holm([d.p for d in deltas], 0.05)
+    assert [d.p_adjusted for d in deltas] == pytest.approx(expected.adjusted.tolist())
+    assert [d.ci_level for d in deltas] == pytest.approx(expected.levels.tolist())
+    assert sum(d.verdict == IMPROVED for d in deltas) == 5  # synthetic-0.5 on every organ
+    # liver, synthetic-1.0: p = 0.015 alone, 0.07 after Holm over ten comparisons: no verdict.
+    liver = result.organs["liver"].patient.runs["synthetic-1.0"].vs_baseline
+    assert liver.p < 0.05 <= liver.p_adjusted and liver.verdict == NO_EVIDENCE
+    for d in deltas:
+        called = d.verdict in (IMPROVED, WORSE)
+        assert called == (d.p_adjusted < 0.05 and (d.ci_low > 0 or d.ci_high < 0)), d
+    slice_level = [result.organs[o].slice.runs[n].vs_baseline for o, n in family]
+    assert {d.verdict for d in slice_level} == {DESCRIPTIVE}  # slice-level figures carry no verdict
+    assert result.eval.multiplicity == "Holm"
+    md = (report_dir(Workspace(tmp_path)) / "report.md").read_text()
+    assert "Holm's step-down procedure across all 10 comparisons" in md

@@ -233,7 +233,7 @@ def _get(cfg: Config, dotted: str) -> object:
     return node
 
 
-@pytest.mark.parametrize("name", ["default", "demo"])
+@pytest.mark.parametrize("name", ["default", "demo", "study-demo"])
 def test_shipped_configs_validate_and_set_what_their_files_say(name, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # found in the package, not via the working directory
     cfg = load_config(name)
@@ -259,7 +259,7 @@ def test_a_configs_folder_in_the_working_directory_wins(tmp_path, monkeypatch):
     cfg = load_config("demo")
     assert cfg.seed == 7 and cfg.data.size == 300 and cfg.phantom == PhantomConfig()
     assert load_config("mine").train.epochs == 2
-    with pytest.raises(ConfigError, match=r"no config named 'nope'; choose one of default, demo, mine"):
+    with pytest.raises(ConfigError, match=r"no config named 'nope'; choose one of default, demo, mine, study-demo"):
         load_config("nope")
 
 

@@ -38,6 +38,7 @@ def _register_all() -> None:
     from eval.cli import register as register_eval
     from gen.cli import register as register_gen
     from seg.cli import register as register_seg
+    from study.cli import register as register_study
     from toolkit.cli_data import register as register_data
     from toolkit.demo import register as register_demo
     from train.cli import register as register_train
@@ -47,6 +48,7 @@ def _register_all() -> None:
     register_gen(app)
     register_train(app)
     register_eval(app)
+    register_study(app)
     register_demo(app)
 
 

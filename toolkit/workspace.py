@@ -11,6 +11,7 @@
       synthetic/<organ>/       synthetic slice set + generator checkpoint + audit (toolkit gen)
       runs/<name>/             classifier runs (toolkit train)
       reports/<name>/          comparisons (toolkit compare), heat maps (toolkit explain)
+      studies/<name>/          a study's design, its own synthetic sets and runs, its report (toolkit study)
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -217,6 +217,8 @@ def train_run(
     force: bool = False,
     hooks: TrainHooks | None = None,
     reporter: Reporter | None = None,
+    train_patients: Collection[int] | None = None,
+    only_folds: Collection[int] | None = None,
 ) -> Path:
     """Train every (organ, fold) of one run and write the run folder (see module docstring).
 
@@ -239,6 +241,13 @@ def train_run(
         Callbacks into the training loop.
     reporter : Reporter, optional
         Progress (one bar per organ and fold) and messages; default: the logging reporter.
+    train_patients : collection of int, optional
+        Use only these train-split patients, for training *and* validation (a study's real-data
+        fraction: with less real data a researcher also validates on less). The test set is unchanged,
+        so runs with different subsets are scored on the same patients. Default: every one.
+    only_folds : collection of int, optional
+        Train only these folds (the others are trained by other calls, e.g. another study shard).
+        An organ's tables (``test_patients.csv`` ...) are written once all of its folds are done.
 
     Returns
     -------
@@ -261,6 +270,16 @@ def train_run(
     check_image_sizes(cfg, store.size[0], ws.store_dir, "train")
     n_folds, fold_of = resolve_folds(store.table, tc.folds)
     split_hash = store.meta.get("split_hash")
+    is_test = store.table["split"].to_numpy() == "test"
+    is_train = ~is_test
+    if train_patients is not None:
+        is_train &= np.isin(store.table["patient_id"].to_numpy(), np.fromiter(train_patients, np.int64))
+        if not is_train.any():
+            raise ToolkitError(f"none of the {len(train_patients)} train_patients is a train-split patient of "
+                               f"{ws.store_dir}; pass ids from its manifest.csv patient_id column")
+    folds_to_train = range(n_folds) if only_folds is None else sorted(set(only_folds))
+    if any(not 0 <= k < n_folds for k in folds_to_train):
+        raise ToolkitError(f"only_folds {list(folds_to_train)} must lie in 0..{n_folds - 1} (the run's folds)")
 
     try:
         accelerator = Accelerator(mixed_precision=tc.mixed_precision)
@@ -300,8 +319,7 @@ def train_run(
         folder.write_info(info)
 
     table = store.table
-    is_train = table["split"].to_numpy() == "train"
-    test_rows = np.flatnonzero(~is_train)
+    test_rows = np.flatnonzero(is_test)
     # Resize every needed slice once per image size (train + test rows of the memory-mapped store).
     resized: dict[int, np.ndarray] = {}
     position = series_position(table["series_id"].to_numpy(), table["z"].to_numpy())
@@ -315,7 +333,7 @@ def train_run(
             real = resized[otc.image_size]
             labels = store.labels(organ, "slice")
             pool = pools.get(organ)
-            for k in range(n_folds):
+            for k in folds_to_train:
                 fold = folder.fold(organ, k)
                 if fold.done:
                     continue
@@ -344,7 +362,7 @@ def train_run(
                     table=table,
                 )
                 train_fold(accelerator, ocfg, data, fold, ORGANS.index(organ), progress, hooks)
-            if main:
+            if main and all(folder.fold(organ, k).done for k in range(n_folds)):
                 write_organ_outputs(folder, organ, table, n_folds, otc.aggregate, otc.top_k)
                 plot_learning_curve(folder, organ, n_folds)
             accelerator.wait_for_everyone()

@@ -105,21 +105,29 @@ class Roc:
 
 @dataclass
 class Delta:
-    """A run's AUC change vs the baseline: paired DeLong test, paired bootstrap CI, verdict."""
+    """A run's AUC change vs the baseline: paired DeLong test, paired bootstrap CI, verdict.
+
+    At patient level the verdict is Holm's across organs x runs: ``p_adjusted`` is the adjusted
+    p-value and the CI has the level the comparison was tested at (``ci_level``). At slice level
+    the figures are descriptive (verdict ``"descriptive"``, no adjusted p-value).
+    """
 
     delta: float  # AUC(run) - AUC(baseline)
     ci_low: float
     ci_high: float
     se: float
     z: float
-    p: float  # two-sided DeLong p-value
+    p: float  # two-sided DeLong p-value, unadjusted
     n_valid_boot: int
-    verdict: str  # "improved" | "worse" | "no evidence of change" (eval.compare.verdict)
+    verdict: str  # "improved" | "worse" | "no evidence of change" | "descriptive" (eval.compare)
+    ci_level: float = float("nan")  # confidence level of [ci_low, ci_high]
+    p_adjusted: float = float("nan")  # Holm-adjusted p-value (patient level)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Delta:
         return cls(_num(d["delta"]), _num(d["ci_low"]), _num(d["ci_high"]), _num(d["se"]), _num(d["z"]),
-                   _num(d["p"]), int(d["n_valid_boot"]), str(d["verdict"]))
+                   _num(d["p"]), int(d["n_valid_boot"]), str(d["verdict"]), _num(d.get("ci_level")),
+                   _num(d.get("p_adjusted")))
 
 
 @dataclass
@@ -233,17 +241,18 @@ class RunRecord:
 
 @dataclass
 class EvalSettings:
-    """How the comparison was computed (``cfg.eval`` and the bootstrap seed)."""
+    """How the comparison was computed (``cfg.eval``, the bootstrap seed, the multiplicity correction)."""
 
     bootstrap: int
     ci: float
     alpha: float
     min_positives: int
     seed: int
+    multiplicity: str = "none"  # "Holm": across organs x compared runs at patient level (eval.multiplicity)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> EvalSettings:
-        return cls(**{f.name: d[f.name] for f in fields(cls)})
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
 
 
 @dataclass

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -323,9 +324,13 @@ class RunFolder:
         return RunInfo.from_dict(values, self.info_path)
 
     def write_info(self, info: RunInfo) -> Path:
-        """Write ``run.json`` (temp file, then renamed: an interrupted write leaves the old one)."""
+        """Write ``run.json`` (temp file, then renamed: an interrupted write leaves the old one).
+
+        The temp file is unique to the call, so study shards that write one run's folds at once never
+        rename each other's half-written file.
+        """
         self.path.mkdir(parents=True, exist_ok=True)
-        tmp = self.info_path.with_name(RUN_FILE + ".tmp")
+        tmp = self.info_path.with_name(f"{RUN_FILE}.{uuid.uuid4().hex[:12]}.tmp")
         tmp.write_text(json.dumps(info.to_dict(), indent=2, default=str))
         tmp.replace(self.info_path)
         return self.info_path
