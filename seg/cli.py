@@ -48,9 +48,10 @@ def segment(
     are never trained on, and per-organ Dice is printed for both, with their series counts.
 
     Writes store/organ_labels.npy (uint8 (n_slices, S, S), codes liver 1, spleen 2, kidney_left 3,
-    kidney_right 4, bowel 5; the real mask where a series has one unless segment.keep_masks is
-    false), store/organs.csv (per slice: label_source, area_<organ> in pixels, vis_<organ> = area /
-    the organ's largest area in the series) and store/segmenter/ (model.safetensors + config.json,
+    kidney_right 4, bowel 5; the real mask where a training-split series has one unless
+    segment.keep_masks is false; test-split series always get the prediction), store/organs.csv
+    (per slice: label_source, area_<organ> in pixels, vis_<organ> = area / the organ's largest area
+    in the series) and store/segmenter/ (model.safetensors + config.json,
     metrics.csv, train_series.csv, dice.csv, summary.json). A series where an organ is found on no
     slice gets a warning; its other organs stay usable. A finished run is reused; --force redoes it.
 

@@ -268,7 +268,9 @@ class SegmentConfig:
     # Share of annotated training patients held out (never trained on) to measure Dice; annotated
     # test-split series are measured too and never trained on either.
     holdout_fraction: float = setting(0.2, ge=0.0, lt=1.0)
-    keep_masks: bool = True  # organ_labels.npy keeps the real mask where a series has one (else the prediction)
+    # organ_labels.npy keeps the real mask where a training-split series has one (else the prediction);
+    # test-split series always carry the prediction, as a new series would.
+    keep_masks: bool = True
     # An organ counts as found in a series when its largest slice area reaches this share of the slice.
     min_area: float = setting(0.0005, ge=0.0, lt=1.0)
     mixed_precision: str = setting("no", choices=("no", "fp16", "bf16"))  # accelerate
