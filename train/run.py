@@ -46,7 +46,7 @@ import pandas as pd
 import torch
 
 from toolkit import ORGANS
-from toolkit.artifacts.crops import CropSet, load_crop_set
+from toolkit.artifacts.crops import CropSet, load_crop_set, reads_crops
 from toolkit.artifacts.run import RunFolder, RunInfo
 from toolkit.artifacts.synthetic import SyntheticSet
 from toolkit.config import Config, check_image_sizes, organ_config, save_config, validate
@@ -152,7 +152,7 @@ class OrganData:
 def organ_input(cfg: Config, organ: str) -> str:
     """``"crops"`` when ``organ`` trains on its crop set (``train.input`` crops and ``organ`` in ``crop.organs``),
     else ``"slices"``."""
-    return "crops" if cfg.train.for_organ(organ).input == "crops" and organ in cfg.crop.organs else "slices"
+    return "crops" if reads_crops(cfg.train.for_organ(organ).input, organ, cfg.crop.organs) else "slices"
 
 
 def crop_record(crops: CropSet, store_dir: Path) -> dict[str, Any]:
@@ -508,8 +508,8 @@ def write_organ_outputs(
     folds = [folder.fold(organ, k) for k in range(n_folds)]
     val = pd.concat([f.read_predictions("val") for f in folds])
     test = pd.concat([f.read_predictions("test") for f in folds])
-    patients = table if patients is None else patients
-    truth = _patient_truth(patients, organ)
+    store_table = table if patients is None else patients
+    truth = _patient_truth(store_table, organ)
 
     val = val.sort_values(["fold", "row"])
     folder.write_table(organ, "oof", val)
@@ -526,7 +526,7 @@ def write_organ_outputs(
 
     prob = patient_scores(ensemble, aggregate, top_k)
     per_fold = patient_scores(test, aggregate, top_k, by=("patient_id", "fold")).unstack("fold")
-    test_ids = np.unique(patients.loc[patients["split"] == "test", "patient_id"].to_numpy())
+    test_ids = np.unique(store_table.loc[store_table["split"] == "test", "patient_id"].to_numpy())
     unscored = np.setdiff1d(test_ids, prob.index.to_numpy())
     if len(unscored):
         as_reporter(reporter).warn(
@@ -542,7 +542,8 @@ def write_organ_outputs(
     folder.write_table(organ, "test_patients", patients.rename_axis("patient_id").reset_index(), extra=fold_columns)
 
     oof = patient_scores(val, aggregate, top_k, by=("patient_id", "fold")).rename("prob")
-    train_fold = patients[patients["split"] == "train"].groupby("patient_id")["fold"].first() % n_folds
+    is_train = store_table["split"] == "train"
+    train_fold = store_table[is_train].groupby("patient_id")["fold"].first() % n_folds
     expected = pd.MultiIndex.from_arrays([train_fold.index, train_fold.to_numpy()], names=["patient_id", "fold"])
     oof = oof.reindex(expected.sort_values(), fill_value=0.0).reset_index()
     folder.write_table(organ, "oof_patients", oof.join(truth, on="patient_id"))

@@ -35,6 +35,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,12 @@ CROP_COLUMNS: tuple[str, ...] = (
 
 _FIELDS = ("organ", "size", "margin", "min_visibility", "crop_id", "split_hash", "store_manifest_sha", "labels_sha")
 _OWN_KEYS = {"artifact", "format_version", "source", *_FIELDS, "n_slices", "size"}
+
+
+def reads_crops(stage_input: str, organ: str, crop_organs: Sequence[str]) -> bool:
+    """Whether a stage set to ``stage_input`` (``train.input`` / ``gen.input``: crops or slices) reads
+    ``organ``'s crop set: only organs with one (``crop.organs``); the others read the stored slices."""
+    return stage_input == "crops" and organ in crop_organs
 
 
 def crops_dir(store_dir: str | Path, organ: str) -> Path:
