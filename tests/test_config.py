@@ -161,11 +161,11 @@ def test_classifier_or_generator_larger_than_the_stored_slices_is_refused(tmp_pa
     cfg = load("demo", "train.organs={}", "train.image_size=64", "train.epochs=1")
     with pytest.raises(ContractError, match=r"train.image_size=64 is above the 32 px slices of the store .* upsampled"):
         train_run(ws, cfg, organs=["liver"])
-    cfg = load("demo", "train.image_size=32")  # demo trains kidney at 128 px
+    cfg = load("demo", "train.image_size=32", "train.organs.kidney.image_size=128")
     with pytest.raises(ContractError, match=r"train.organs.kidney.image_size=128 is above the 32 px slices"):
         train_run(ws, cfg, organs=["liver"])
     with pytest.raises(ContractError, match=r"gen.image_size=64 is above the 32 px slices .* prepare --force"):
-        generate(ws, load("demo", "gen.image_size=64"), "liver")
+        generate(ws, load("demo", "gen.image_size=64", "gen.input=slices"), "liver")
     assert not (ws.runs_dir).exists() and not ws.synthetic_root.exists()  # refused before anything is written
 
 

@@ -36,6 +36,7 @@ def tiny_config(**train: object) -> Config:
     values = dict(
         model="mobilenetv2_050", pretrained=False, image_size=32, folds=2, epochs=2, epoch_size=32,
         batch_size=16, trainable_blocks=-1, patience=5, num_workers=0, synthetic_ratio=0.0,
+        input="slices",  # the toy store has no organ crops (tests/test_crops.py trains on them)
     )
     values.update(train)
     return load_config("default", {"data": {"windows": [[40, 400]]}, "train": values})

@@ -206,7 +206,8 @@ class CropSet:
         if lacking:
             raise DataError(f"{directory / MANIFEST_FILE} lacks column(s) {', '.join(lacking)}; re-run `toolkit crop "
                             "--force`")
-        slices.table["side"] = slices.table["side"].fillna("").astype(str)
+        side = slices.table["side"]
+        slices.table["side"] = np.where(side.isna(), "", side.astype(str))  # "" reads back as NaN
         masks = np.load(directory / MASKS_FILE, mmap_mode="r" if mmap else None)
         return cls(
             slices=slices,
