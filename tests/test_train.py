@@ -407,7 +407,7 @@ def test_cli_reports_a_missing_synthetic_pool_in_one_line(ws: Workspace) -> None
     result = CliRunner().invoke(
         app,
         ["train", "-w", str(ws.root), "--organ", "kidney", "--synthetic-ratio", "0.5", "--no-pretrained",
-         "--image-size", "32"],
+         "--image-size", "32", "--set", "train.input=slices"],
     )
     assert result.exit_code == 2
     lines = [line for line in result.output.splitlines() if line.strip()]
