@@ -348,3 +348,30 @@ def test_explain_measures_attention_inside_the_crop_organ_mask(cropped: Workspac
     assert data["summary"]["organ_n"] == 4 and data["summary"]["organ_mass_share"] is not None
     slices_run = pd.DataFrame(data["slices"])
     assert (slices_run["label"] >= 0).all()
+
+
+# ------------------------------------------------------------------ generators on crops
+def test_generator_learns_the_crop_set_and_train_checks_what_it_learnt(workspace: Workspace) -> None:
+    from gen.run import generate
+    from toolkit.artifacts.synthetic import SyntheticSet
+
+    gen = {"model": "gan", "image_size": 16, "train_steps": 2, "batch_size": 8, "checkpoint_every": 2, "n": 48,
+           "audit_feature_epochs": 1, "gan": {"ngf": 8, "ndf": 8, "z_dim": 8}}
+    cfg = load_config("default", {**tiny_config().to_dict(), "gen": gen})
+    liver = load_crop_set(workspace.store_dir, "liver")
+    syn = SyntheticSet.load(generate(workspace, cfg, "liver"))
+    assert syn.provenance["input_id"] == liver.crop_id and syn.image_size == 16
+    # It learnt the training patients' crops, classes from their hard labels.
+    train = liver.table[liver.table["split"] == "train"]
+    assert syn.provenance["n_train_slices"] == len(train)
+    # A crop classifier trains with it; one reading slices refuses it in one line.
+    run = train_run(workspace, load_config("default", {**cfg.to_dict(), "train": {
+        **cfg.to_dict()["train"], "synthetic_ratio": 0.25, "synthetic_resize": True}}), organs=["liver"])
+    assert RunFolder(run).read_info().generators["liver"]["generator_id"] == syn.generator_id
+    slices = load_config("default", {**cfg.to_dict(), "train": {
+        **cfg.to_dict()["train"], "synthetic_ratio": 0.25, "synthetic_resize": True, "input": "slices"}})
+    with pytest.raises(ContractError, match=f"learnt from {liver.crop_id} but .* reads slices"):
+        train_run(workspace, slices, name="slices", organs=["liver"])
+    with pytest.raises(ContractError, match="gen.image_size=48 is above the 32 px crops"):
+        generate(workspace, load_config("default", {**cfg.to_dict(), "gen": {**gen, "image_size": 48}}), "liver",
+                 force=True)
