@@ -259,6 +259,7 @@ def test_train_on_crops_end_to_end(cropped: Workspace, crop_run: tuple[RunFolder
     run, plans = crop_run
     info = run.read_info()
     assert info.complete and info.input("liver")["input"] == "crops" and info.input("spleen") == {"input": "slices"}
+    assert (info.settings["liver"].input, info.settings["spleen"].input) == ("crops", "slices")
     kidney = load_crop_set(cropped.store_dir, "kidney")
     assert info.input("kidney")["crop_id"] == kidney.crop_id and info.input("kidney")["size"] == CROP
     # Soft targets reach the loss: real samples carry targets strictly between 0 and 1.

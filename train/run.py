@@ -34,6 +34,7 @@ ensemble slice probabilities, ``prob_fold_k`` those of fold ``k`` alone.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import shutil
 from collections.abc import Iterator
@@ -349,8 +350,11 @@ def train_run(
         raise ToolkitError(f"train.mixed_precision: {str(exc).splitlines()[0]}") from None
     main = accelerator.is_main_process
 
+    # Each organ's settings with the input it really reads (train.input crops: slices for bowel/extravasation).
     organ_cfgs = {o: organ_config(cfg, o) for o in organs}
-    crop_sets = {o: load_crop_set(ws.store_dir, o) for o in organs if organ_input(cfg, o) == "crops"}
+    organ_cfgs = {o: dataclasses.replace(c, train=dataclasses.replace(c.train, input=organ_input(cfg, o)))
+                  for o, c in organ_cfgs.items()}
+    crop_sets = {o: load_crop_set(ws.store_dir, o) for o in organs if organ_cfgs[o].train.input == "crops"}
     check_crop_sizes(organ_cfgs, crop_sets)
     inputs = {o: crop_record(crop_sets[o], ws.store_dir) if o in crop_sets else {"input": "slices"} for o in organs}
     pools: dict[str, SyntheticPool] = {}
