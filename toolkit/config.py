@@ -289,7 +289,7 @@ class CropConfig:
     """``toolkit crop``: per-organ crop sets cut around the organ the localizer (``toolkit segment``) found."""
 
     organs: list[str] = setting(factory=lambda: list(CROP_ORGANS), choices=CROP_ORGANS, min_len=1)
-    size: int = setting(128, ge=8)  # pixels per side of every crop (the organ's box is resized to it)
+    size: int = setting(224, ge=8)  # pixels per side of every crop (the box is resized to it); >= train.image_size
     # Added on each side of the organ's box, as a share of its larger side: context around the organ.
     margin: float = setting(0.15, ge=0.0, le=2.0)
     # A slice enters the organ's set when the organ's visibility on it (area / its largest area in the
