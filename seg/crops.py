@@ -398,9 +398,11 @@ def _finish(
             break
         names = " and ".join(a.replace("_", " ").replace("kidney left", "left kidney")
                              .replace("kidney right", "right kidney") for a in absent)
-        reporter.warn(f"series {sid} (patient {int(patient_of[sid])}): the localizer found no {names} on any slice, "
-                      f"so it adds no {organ} crops{' of that side' if organ == 'kidney' and len(absent) == 1 else ''}"
-                      "; its other organs are cropped")
+        where = "on any slice" if not settings["min_visibility"] else (
+            f"with visibility above crop.min_visibility={settings['min_visibility']:g}")
+        side = " of that side" if organ == "kidney" and len(absent) == 1 else ""
+        reporter.warn(f"series {sid} (patient {int(patient_of[sid])}): the localizer found no {names} {where}, "
+                      f"so it adds no {organ} crops{side}; its other organs are cropped")
     test_patients = set(table.loc[table["split"] == "test", "patient_id"].astype(int))
     uncropped = sorted(test_patients - set(crops["patient_id"].astype(int)))
     if uncropped:
