@@ -51,7 +51,7 @@ from toolkit.artifacts.crops import CropSet, load_crop_set, reads_crops
 from toolkit.artifacts.run import RunFolder, RunInfo
 from toolkit.artifacts.synthetic import SyntheticSet
 from toolkit.config import Config, check_image_sizes, organ_config, save_config, validate
-from toolkit.errors import ContractError, ToolkitError
+from toolkit.errors import ContractError, DataError, ToolkitError
 from toolkit.reporting import Reporter, as_reporter
 from toolkit.sliceset import MANIFEST_FILE, SliceSet
 from toolkit.workspace import Workspace
@@ -416,6 +416,7 @@ def train_run(
                     continue
                 train_rows = np.flatnonzero(is_train & (data_o.fold_of != k))
                 val_rows = np.flatnonzero(is_train & (data_o.fold_of == k))
+                _check_rows(organ, k, data_o, val_rows, test_rows)
                 balancer = Balancer(
                     train_rows,
                     data_o.labels[train_rows],
@@ -451,6 +452,19 @@ def train_run(
         info.complete = all(folder.has_table(o, "test_patients") for o in info.organs)
         folder.write_info(info)
     return folder.path
+
+
+def _check_rows(organ: str, k: int, data: OrganData, val_rows: np.ndarray, test_rows: np.ndarray) -> None:
+    """A validation fold or a test set without any row of the organ (a localizer that found it nowhere there)."""
+    if len(val_rows) and len(test_rows):
+        return
+    what = f"validation fold {k}" if not len(val_rows) else "the test split"
+    if data.record["input"] == "crops":
+        raise DataError(
+            f"{what} holds no {organ} crop: the organ localizer found no {organ} in any of its series; check "
+            f"`toolkit segment`'s Dice (segment.epochs) or train {organ} on whole slices (--set train.input=slices)"
+        )
+    raise DataError(f"{what} holds no {organ} slice; re-run `toolkit prepare --force`")
 
 
 def crop_data(crops: CropSet, image_size: int, n_folds: int, record: dict[str, Any]) -> OrganData:
