@@ -176,9 +176,12 @@ def predict(
 ) -> None:
     """Per-organ injury probabilities for one CT series from a trained run's fold ensemble.
 
-    Reads the DICOM series, resamples it to the run's slice size, scores every slice with each
-    fold model, averages the folds, and aggregates slices to a study score with the run's rule
-    (train.aggregate). Prints a table and the JSON (also written to --out).
+    Reads the DICOM series and resamples it as the run's store was. Organs trained on organ crops
+    (kidney, liver, spleen by default) run segment -> crop -> classify: the store's organ localizer
+    labels the slices, the run's crop settings cut the organ's crops, each fold model scores them.
+    Other organs score every slice. Folds are averaged and crops/slices aggregated to a study score
+    with the run's rule (train.aggregate). Prints a table with the time of each step and the JSON
+    (also written to --out).
     """
     from eval.predict import predict_study
 
@@ -190,14 +193,18 @@ def predict(
     result = predict_study(ws, cfg, study, run or cfg.eval.baseline)
     from rich.table import Table
 
-    table = Table(title=f"{result['n_slices']} slices, {result['elapsed_s']:.1f} s")
-    for col in ("organ", "run", "p(injury)", "flag at full-sensitivity threshold"):
-        table.add_column(col, justify="left" if col in ("organ", "run") else "right")
+    steps = ", ".join(f"{step} {sec:.1f} s" for step, sec in result["seconds"].items())
+    table = Table(title=f"{result['n_slices']} slices, {result['elapsed_s']:.1f} s ({steps})")
+    for col in ("organ", "run", "input", "scored", "p(injury)", "flag at full-sensitivity threshold"):
+        table.add_column(col, justify="left" if col in ("organ", "run", "input") else "right")
     for organ, r in result["organs"].items():
         thr = r["full_sensitivity_threshold"]
         flag = "n/a" if thr is None else ("injured" if r["prob"] >= thr else "below")
-        table.add_row(organ, r["run"], f"{r['prob']:.3f}", flag)
+        table.add_row(organ, r["run"], r["input"], str(r["scored"]), f"{r['prob']:.3f}", flag)
     console.print(table)
+    for organ, r in result["organs"].items():
+        if r.get("note"):
+            console.print(f"[yellow]note:[/] {organ}: {r['note']}")
     text = json.dumps(result, indent=2)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)

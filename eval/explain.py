@@ -9,6 +9,12 @@ slice, the share of heat inside the organ and inside the injury, against the
 share of the image those masks cover (what a uniform heat map would score), and
 the pointing game: is the hottest pixel inside the mask?
 
+A run whose classifiers read organ crops (run.json ``inputs``; kidney, liver and spleen
+by default) is explained on test crops of the organ's crop set: heat inside the organ
+mask of the crop (the localizer's organ, ``masks.npy`` of the crop set) and inside the
+injury (the truth cut to the crop's box), so the figures say whether the classifier looks
+at the organ it was shown.
+
 Outputs per run: ``reports/explain-<run>-<organ>/`` with one overlay PNG per
 slice, ``explain.json``, ``explain.md`` and ``config.yaml``. With several runs a
 side-by-side grid lands in ``reports/explain-<organ>-compare/``.
@@ -27,6 +33,7 @@ from torch import nn
 
 from eval.runs import load_run
 from toolkit import ORGANS
+from toolkit.artifacts.crops import CropSet, load_crop_set
 from toolkit.config import Config, save_config
 from toolkit.errors import DataError, ToolkitError
 from toolkit.sliceset import FIELD_COLUMNS, SliceSet
@@ -138,6 +145,32 @@ def load_truth(data_dir: Path, rows: pd.DataFrame, organ: str, size: int) -> lis
                 "injury": resize_mask(truth["injury"][i] == code, size, fld).astype(bool),
             }
         )
+    return out
+
+
+def nearest_resize(masks: np.ndarray, size: int) -> np.ndarray:
+    """Nearest-neighbour resize of (n, H, W) masks to (n, size, size) (H = W)."""
+    masks = np.asarray(masks)
+    idx = np.minimum(((np.arange(size) + 0.5) * masks.shape[-1] / size).astype(np.int64), masks.shape[-1] - 1)
+    return masks[:, idx][:, :, idx]
+
+
+def crop_truth(
+    data_dir: Path, crops: CropSet, rows_idx: np.ndarray, organ: str, store_size: int, size: int
+) -> list[dict[str, np.ndarray] | None]:
+    """Organ and injury masks (bool, (size, size)) of crops: the organ is the crop set's mask (the localizer's
+    organ, on real data too), the injury the phantom truth cut to the crop's box (None without truth)."""
+    from toolkit.data.dicom import cut_field
+
+    rows = crops.table.iloc[rows_idx].reset_index(drop=True)
+    organ_masks = nearest_resize(np.asarray(crops.masks[rows_idx]) > 0, size)
+    truth = load_truth(data_dir, rows, organ, store_size)
+    out: list[dict[str, np.ndarray] | None] = []
+    for i, t in enumerate(truth):
+        box = tuple(int(rows.iloc[i][c]) for c in ("crop_top", "crop_left", "crop_side"))
+        injury = None if t is None else nearest_resize(cut_field(t["injury"][None].astype(np.uint8), box, 0), size)[0]
+        out.append({"organ": organ_masks[i], "injury": np.zeros_like(organ_masks[i]) if injury is None
+                    else injury.astype(bool), "has_injury_truth": t is not None})
     return out
 
 
@@ -402,11 +435,31 @@ def explain_runs(
                 f"run '{run.name}' was trained on split {run.info.split_hash} but the store has "
                 f"{store_hash}; its test slices are not this store's"
             )
-    test_rows = np.flatnonzero(store.table["split"].to_numpy() == "test") if "split" in store.table else []
-    visible = injury_visible(ws.data_dir, store.table, organ, test_rows)
-    rows_idx = select_slices(store, organ, int(cfg.eval.explain_slices), cfg.seed, visible)
-    rows = store.table.iloc[rows_idx].reset_index(drop=True)
-    hu = np.asarray(store.images[rows_idx])
+    # Every run is explained on the same images: runs that read different inputs cannot be.
+    records = {r.name: r.info.input(organ) for r in loaded}
+    kinds = {json.dumps({k: v for k, v in rec.items() if k in ("input", "crop_id")}) for rec in records.values()}
+    if len(kinds) > 1:
+        raise ToolkitError(
+            f"runs {', '.join(records)} read different {organ} inputs ({'; '.join(sorted(kinds))}): explain them "
+            "one at a time"
+        )
+    record = next(iter(records.values()))
+    crops: CropSet | None = None
+    if record["input"] == "crops":
+        crops = load_crop_set(ws.store_dir, organ)
+        if crops.crop_id != record.get("crop_id"):
+            raise ToolkitError(
+                f"run '{loaded[0].name}' was trained on {organ} crops {record.get('crop_id')} but {crops.path} holds "
+                f"{crops.crop_id}: re-run `toolkit crop --force` with the run's crop settings, or retrain"
+            )
+        source = crops.slices
+    else:
+        source = store
+    test_rows = np.flatnonzero(source.table["split"].to_numpy() == "test") if "split" in source.table else []
+    visible = injury_visible(ws.data_dir, source.table, organ, test_rows)
+    rows_idx = select_slices(source, organ, int(cfg.eval.explain_slices), cfg.seed, visible)
+    rows = source.table.iloc[rows_idx].reset_index(drop=True)
+    hu = np.asarray(source.images[rows_idx])
 
     task = progress.add_task("grad-cam", total=len(loaded)) if progress is not None else None
     summary: dict[str, Any] = {}
@@ -420,8 +473,12 @@ def explain_runs(
         probs = np.asarray(predict_probs(models, hu, windows, image_size)).mean(axis=0)
         x = windowed_inputs(hu, windows, image_size)
         cams = gradcam_maps(models, x)
-        truth = load_truth(ws.data_dir, rows, organ, image_size)
-        has_truth = has_truth or any(t is not None for t in truth)
+        if crops is not None:
+            truth = crop_truth(ws.data_dir, crops, rows_idx, organ, store.size[0], image_size)
+            has_truth = True  # the crop's organ mask, at least
+        else:
+            truth = load_truth(ws.data_dir, rows, organ, image_size)
+            has_truth = has_truth or any(t is not None for t in truth)
         ct = x[:, 0]  # the first window, as the model saw it
         cts = ct if cts is None else cts
         out = outs[run.name]
@@ -442,7 +499,10 @@ def explain_runs(
             }
             if truth[i] is not None:
                 rec["organ"] = localisation(cams[i], truth[i]["organ"])
-                rec["injury"] = localisation(cams[i], truth[i]["injury"])
+                if truth[i].get("has_injury_truth", True):
+                    rec["injury"] = localisation(cams[i], truth[i]["injury"])
+            if crops is not None:
+                rec["side"] = str(row["side"])
             records.append(rec)
             title = f"{run.name} | {organ} label {rec['label']} | p={rec['prob']:.2f}"
             _overlay_png(out / name, ct[i], cams[i], truth[i], title)

@@ -2,9 +2,13 @@
 
 The study is scored exactly as the run scored its test patients: the series is
 read into HU at the slice size and count of the store the run was trained on
-(:func:`run_settings`), every slice is scored by each fold model, fold
-probabilities are averaged, and slices are aggregated to one study score by the
-run's rule (``train.aggregate``: max, or mean of the top k).
+(:func:`run_settings`). An organ trained on organ crops (run.json ``inputs``) is
+found by the store's organ localizer (``toolkit segment``), cut into crops with the
+run's crop settings (:func:`seg.crops.series_crops`, the same code as ``toolkit crop``),
+and its crops are scored; an organ trained on slices scores every slice. Fold
+probabilities are averaged, and slices (crops) are aggregated to one study score by
+the run's rule (``train.aggregate``: max, or mean of the top k); both kidneys' crops
+count for the kidney. The time of each step is reported.
 """
 
 from __future__ import annotations
@@ -113,6 +117,45 @@ def run_settings(run: Run, store_meta: dict[str, Any] | None = None, organ: str 
     }
 
 
+def segment_series(segmenter_dir: str | Path, hu: np.ndarray, device: str | None = None) -> dict[str, np.ndarray]:
+    """Label maps and per-organ visibility of one series with a trained localizer.
+
+    Parameters
+    ----------
+    segmenter_dir : path
+        ``store/segmenter/`` (config.json + model.safetensors; summary.json for ``segment.min_area``).
+    hu : ndarray of shape (n, S, S)
+        The series' slices in HU, read as the store's.
+
+    Returns
+    -------
+    dict
+        ``labels`` (n, S, S) uint8, and ``vis_<organ>`` (n,) float32 for each localizer organ.
+    """
+    import torch
+
+    from seg.engine import predict_labels
+    from seg.model import OrganSegmenter
+    from seg.store import SEG_ORGANS, visibility
+    from train.inference import default_device
+
+    segmenter_dir = Path(segmenter_dir)
+    if not (segmenter_dir / "model.safetensors").exists():
+        raise ToolkitError(
+            f"no organ localizer in {segmenter_dir} (the run's organ crops were cut with it): run `toolkit segment`"
+        )
+    dev = torch.device(device) if device is not None else default_device()
+    model = OrganSegmenter.from_pretrained(segmenter_dir).to(dev)
+    labels = np.zeros(hu.shape, np.uint8)
+    with torch.inference_mode():
+        predict_labels(model, hu, np.arange(len(hu)), labels, dev)
+    summary_path = segmenter_dir / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    min_area = float((summary.get("outputs") or {}).get("min_area", 0.0))
+    _, vis = visibility(labels, np.zeros(len(hu), np.int64), min_area * hu.shape[-2] * hu.shape[-1])
+    return {"labels": labels, **{f"vis_{o}": vis[:, k] for k, o in enumerate(SEG_ORGANS)}}
+
+
 def predict_study(
     ws: Workspace,
     cfg: Config,
@@ -137,51 +180,94 @@ def predict_study(
     Returns
     -------
     dict
-        ``study``, ``n_slices``, ``organs`` ({organ: run, prob, prob_folds, aggregate,
-        full_sensitivity_threshold, top_slices}), ``elapsed_s``. No DICOM tag values
-        other than geometry (instance number, z) appear in it.
+        ``study``, ``n_slices``, ``organs`` ({organ: run, input ("crops" or "slices"), scored (crops or
+        slices scored), prob, prob_folds, aggregate, full_sensitivity_threshold, top_slices, note}),
+        ``seconds`` (read, segment, crop, classify) and ``elapsed_s``. No DICOM tag values other than
+        geometry (instance number, z) appear in it.
     """
+    from seg.crops import series_crops
+    from toolkit.config import CropConfig
     from toolkit.data.dicom import read_series
     from train.inference import aggregate_patient, load_fold_models, predict_probs
 
     start = time.perf_counter()
+    seconds = {"read": 0.0, "segment": 0.0, "crop": 0.0, "classify": 0.0}
+
+    def timed(step: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        t0 = time.perf_counter()
+        out = fn(*args, **kwargs)
+        seconds[step] += time.perf_counter() - t0
+        return out
+
     study = Path(study)
     if not study.is_dir():
         raise ToolkitError(f"study folder {study} does not exist; give a folder of one series' DICOM files")
     chosen = choose_runs(ws, run)
     store_meta = _store_meta(ws)
     series_cache: dict[tuple[int, int, bool], tuple[np.ndarray, Any]] = {}
+    seg_cache: dict[tuple[Any, ...], dict[str, np.ndarray]] = {}
     organs: dict[str, Any] = {}
     n_slices = 0
     for organ, r in chosen.items():
         s = run_settings(r, store_meta, organ)
         key = (s["size"], s["slices"], s["crop_body"])
         if key not in series_cache:
-            series_cache[key] = read_series(study, size=s["size"], slices=s["slices"], crop_body=s["crop_body"])
+            series_cache[key] = timed(
+                "read", read_series, study, size=s["size"], slices=s["slices"], crop_body=s["crop_body"]
+            )
         hu, table = series_cache[key]
         n_slices = max(n_slices, len(hu))
+        record = r.info.input(organ)
+        note = None
+        if record["input"] == "crops":
+            seg_key = (*key, record["segmenter_dir"])
+            if seg_key not in seg_cache:
+                seg_cache[seg_key] = timed("segment", segment_series, record["segmenter_dir"], hu, device)
+                seg_cache[seg_key]["vis"] = {k[4:]: v for k, v in seg_cache[seg_key].items() if k.startswith("vis_")}
+            found = seg_cache[seg_key]
+            crop = CropConfig(organs=[organ], size=int(record["size"]), margin=float(record["margin"]),
+                              min_visibility=float(record["min_visibility"]))
+            crops = timed("crop", series_crops, hu, found["labels"], found["vis"], organ, crop)
+            images = np.concatenate([c.images for c in crops]) if crops else np.zeros((0, crop.size, crop.size))
+            where = [(int(i), c.side) for c in crops for i in c.rows]
+            if not crops:
+                note = f"the organ localizer found no {organ} on this series: it has no {organ} crop and scores 0"
+        else:
+            images, where = hu, [(i, "") for i in range(len(hu))]
         models = load_fold_models(r.path, organ)
-        fold_probs = np.asarray(predict_probs(models, hu, s["windows"], r.image_size(organ), device=device))
-        slice_probs = fold_probs.mean(axis=0)
+        fold_probs = np.asarray(
+            timed("classify", predict_probs, models, images, s["windows"], r.image_size(organ), device=device)
+        )
+        if len(where):
+            slice_probs = fold_probs.mean(axis=0)
+            prob = aggregate_patient(slice_probs, s["aggregate"], s["top_k"])
+            prob_folds = [aggregate_patient(p, s["aggregate"], s["top_k"]) for p in fold_probs]
+        else:  # as train scores a test patient without crops
+            slice_probs, prob, prob_folds = np.zeros(0), 0.0, [0.0] * len(models)
         top = np.argsort(-slice_probs)[:3]
         organs[organ] = {
             "run": r.name,
-            "prob": aggregate_patient(slice_probs, s["aggregate"], s["top_k"]),
-            "prob_folds": [aggregate_patient(p, s["aggregate"], s["top_k"]) for p in fold_probs],
+            "input": record["input"],
+            "scored": int(len(where)),
+            "prob": prob,
+            "prob_folds": prob_folds,
             "aggregate": s["aggregate"] if s["aggregate"] == "max" else f"top{s['top_k']}",
             "full_sensitivity_threshold": full_sensitivity_threshold(r, organ),
             "top_slices": [
                 {
-                    "instance": int(table["instance"].iloc[i]),
-                    "z": float(table["z"].iloc[i]),
+                    "instance": int(table["instance"].iloc[where[i][0]]),
+                    "z": float(table["z"].iloc[where[i][0]]),
+                    **({"side": where[i][1]} if where[i][1] else {}),
                     "prob": float(slice_probs[i]),
                 }
                 for i in top
             ],
+            "note": note,
         }
     return {
         "study": str(study),
         "n_slices": int(n_slices),
         "organs": organs,
+        "seconds": {k: round(v, 3) for k, v in seconds.items()},
         "elapsed_s": round(time.perf_counter() - start, 3),
     }

@@ -39,6 +39,7 @@ TRAIN_MATCH_KEYS: tuple[str, ...] = (
     "top_k",
     "mixed_precision",
     "organs",
+    "input",
 )
 
 
@@ -174,4 +175,10 @@ def settings_mismatch(runs: list[Run]) -> dict[str, dict[str, Any]]:
     windows = {r.name: (r.config.get("data") or {}).get("windows") for r in runs}
     if "windows" not in out and len({json.dumps(v, default=str) for v in windows.values()}) > 1:
         out["windows"] = windows
+    # What each organ read (organ crops and which ones, or slices): compared runs must have read the same.
+    shared = set.intersection(*(set(r.organs) for r in runs)) if runs else set()
+    inputs = {r.name: {o: {k: v for k, v in r.info.input(o).items() if k != "segmenter_dir"} for o in sorted(shared)}
+              for r in runs}
+    if len({json.dumps(v, sort_keys=True) for v in inputs.values()}) > 1:
+        out["inputs"] = inputs
     return out

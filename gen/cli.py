@@ -53,10 +53,12 @@ def gen(
     """Train a class-conditional generator per organ on the store's TRAIN patients and write synthetic slices.
 
     Each organ gets its own generator, conditioned on healthy/injured (or healthy/low/high with
-    --set gen.conditioning=grade). Test patients are never used. Output: synthetic/<organ>/ with a
-    slice set (int16 HU, split "synthetic"), grid.png (real vs synthetic), audit.json (Frechet
-    distance, HU histogram, diversity, near-copies of training slices, which the trainer leaves
-    out), loss.csv, train_patients.csv, config.yaml and a resumable checkpoint/.
+    --set gen.conditioning=grade). Kidney, liver and spleen learn their organ crops (store/crops/<organ>/,
+    `toolkit crop`; classes from the crops' hard labels), bowel and extravasation the stored slices;
+    --set gen.input=slices makes every organ learn slices. Test patients are never used.
+    Output: synthetic/<organ>/ with a slice set (int16 HU, split "synthetic"), grid.png (real vs
+    synthetic), audit.json (Frechet distance, HU histogram, diversity, near-copies of training slices,
+    which the trainer leaves out), loss.csv, train_patients.csv, config.yaml and a resumable checkpoint/.
 
     Examples: toolkit gen -w ws --organ liver | toolkit gen -w ws --organ all --model gan --n 1000
     """

@@ -33,9 +33,10 @@ from gen.data import check_organ, load_training_data, train_patients_hash
 from gen.grid import save_grid
 from gen.registry import create_generator, list_generators
 from toolkit import ORGANS
+from toolkit.artifacts.crops import load_crop_set, reads_crops
 from toolkit.artifacts.synthetic import SyntheticSet
 from toolkit.config import Config, check_image_sizes, save_config
-from toolkit.errors import ToolkitError
+from toolkit.errors import ContractError, ToolkitError
 from toolkit.reporting import Reporter, as_reporter
 from toolkit.sliceset import SliceSet
 from toolkit.transforms import unwindow_hu
@@ -45,11 +46,12 @@ from toolkit.workspace import Workspace
 _NOT_IN_ID = ("n", "checkpoint_every", "near_copy_threshold", "audit_feature_epochs")
 
 
-def generator_id(organ: str, cfg: Config, split_hash: str, patients_hash: str) -> str:
-    """``<organ>-<model>-<hash8>``: same config, seed, window and training patients -> same id.
+def generator_id(organ: str, cfg: Config, split_hash: str, patients_hash: str, input_id: str = "slices") -> str:
+    """``<organ>-<model>-<hash8>``: same config, seed, window, input and training patients -> same id.
 
     Only the shared ``gen`` settings and the active backend's section (``gen.<model>``) count:
-    a diffusion generator keeps its id when a GAN setting changes.
+    a diffusion generator keeps its id when a GAN setting changes. ``input_id`` is what it learnt:
+    ``"slices"`` or the crop id of the organ's crop set.
     """
     gen = {k: v for k, v in gen_settings(cfg.gen, cfg.gen.model).items() if k not in _NOT_IN_ID}
     key = {
@@ -60,6 +62,8 @@ def generator_id(organ: str, cfg: Config, split_hash: str, patients_hash: str) -
         "split_hash": split_hash,
         "train_patients_hash": patients_hash,
     }
+    if input_id != "slices":  # ids of generators learnt from slices stay what they were
+        key["input_id"] = input_id
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
     return f"{organ}-{cfg.gen.model}-{digest[:8]}"
 
@@ -133,8 +137,20 @@ def generate(
     if not (ws.store_dir / "manifest.csv").exists():
         raise ToolkitError(f"no slice store at {ws.store_dir}; run `toolkit prepare` first")
     store = SliceSet.load(ws.store_dir)
-    check_image_sizes(cfg, store.size[0], ws.store_dir, "gen")
-    data = load_training_data(store, organ, cfg, patients=train_patients)
+    # Kidney, liver and spleen learn their organ crops (gen.input crops); the others the stored slices.
+    input_id, source = "slices", store
+    if reads_crops(cfg.gen.input, organ, cfg.crop.organs):
+        crops = load_crop_set(ws.store_dir, organ)
+        if cfg.gen.image_size > crops.size:
+            raise ContractError(
+                f"gen.image_size={cfg.gen.image_size} is above the {crops.size} px crops of {crops.path}: the "
+                f"generator would learn upsampled crops; lower gen.image_size or re-run `toolkit crop --force "
+                f"--size {cfg.gen.image_size}`"
+            )
+        input_id, source = crops.crop_id, crops.slices
+    else:
+        check_image_sizes(cfg, store.size[0], ws.store_dir, "gen")
+    data = load_training_data(source, organ, cfg, patients=train_patients)
 
     out = ws.synthetic_dir(organ)
     state = PartialState()
@@ -144,7 +160,7 @@ def generate(
 
     split_hash = str(store.meta.get("split_hash", ""))
     patients_hash = train_patients_hash(data.patient_ids)
-    gid = generator_id(organ, cfg, split_hash, patients_hash)
+    gid = generator_id(organ, cfg, split_hash, patients_hash, input_id)
     if state.is_main_process:
         save_config(cfg, out / "config.yaml")
         pd.DataFrame({"patient_id": data.train_patients}).to_csv(out / "train_patients.csv", index=False)
@@ -154,7 +170,8 @@ def generate(
     )
     counts = ", ".join(f"{k} {v}" for k, v in data.class_counts().items())
     reporter.info(
-        f"{organ}: {cfg.gen.model} generator {gid} on {len(data.labels)} training slices ({counts}) "
+        f"{organ}: {cfg.gen.model} generator {gid} on {len(data.labels)} training "
+        f"{'slices' if input_id == 'slices' else 'organ crops'} ({counts}) "
         f"of {len(data.train_patients)} train-split patients, "
         f"{cfg.gen.image_size}px, {cfg.gen.train_steps} steps"
     )
@@ -212,6 +229,7 @@ def generate(
         "train_steps": int(generator.step_),
         "seed": int(cfg.seed),
         "audit": report["summary"],
+        "input_id": input_id,  # what it learnt: "slices" or the crop id (train checks it)
     }
     if cfg.gen.model == "diffusion":
         dcfg = cfg.gen.diffusion

@@ -9,8 +9,9 @@ Steps, in order:
 3. Train (or reuse, or resume) the segmenter on the fit rows (:func:`seg.engine.train_segmenter`).
 4. Predict a label map for every stored slice, test split included.
 5. Per-organ Dice of the predictions on the holdout and test series (never trained on).
-6. Write the label maps (real masks kept where a series has one, ``segment.keep_masks``) and the
-   per-slice organ visibility; warn for each series in which an organ was not found.
+6. Write the label maps (real masks kept where a training-split series has one, ``segment.keep_masks``;
+   test-split series always carry the prediction) and the per-slice organ visibility; warn for each
+   series in which an organ was not found.
 
 Outputs (see :mod:`seg.store`)::
 
@@ -277,7 +278,9 @@ def _write_outputs(
     dice = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
     dice.to_csv(store_dir / SEGMENTER_DIR / "dice.csv", index=False)
 
-    masked = has_mask(table) & bool(sc.keep_masks)
+    # Test-split series carry the prediction even where they have a mask: the test set is cropped and
+    # scored as a new series without a mask would be (toolkit predict), so its figures stay honest.
+    masked = has_mask(table) & bool(sc.keep_masks) & (table["split"].to_numpy() == "train")
     for start in range(0, len(table), 512):
         keep = masked[start : start + 512]
         if keep.any():
@@ -296,7 +299,9 @@ def _write_outputs(
     return {
         "dice": _dice_summary(dice),
         "labels": SEG_LABELS,
-        "label_maps": "real mask where a series has one, else predicted" if sc.keep_masks else "predicted",
+        "label_maps": (
+            "real mask where a training series has one, else predicted" if sc.keep_masks else "predicted"
+        ),
         "missing_organs": missing,
     }
 

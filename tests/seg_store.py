@@ -77,8 +77,10 @@ def make_annotated_store(
     slices_per_series: int = 8,
     annotated_share: dict[str, float] | None = None,
     seed: int = 0,
+    prevalence: dict[str, float] | None = None,
 ) -> tuple[Path, Path]:
-    """Phantom -> prepared store -> masks on a share of each split's series (default: half).
+    """Phantom -> prepared store -> masks on a share of each split's series (default: half); ``prevalence``
+    overrides the phantom's injury prevalence of some organs.
 
     Returns
     -------
@@ -89,6 +91,8 @@ def make_annotated_store(
 
     data_dir, store_dir = Path(root) / "data", Path(root) / "store"
     phantom = dataclasses.replace(PhantomConfig(), patients=patients, slices=slices, size=size)
+    if prevalence:
+        phantom = dataclasses.replace(phantom, prevalence={**phantom.prevalence, **prevalence})
     write_phantom(data_dir, phantom, seed=seed)
     store = prepare_store(data_dir, store_dir, store_cfg(store_size, slices_per_series, seed=seed))
     series = store.table.groupby("series_id")["split"].first()

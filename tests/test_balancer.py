@@ -127,3 +127,25 @@ def test_matched_negatives_need_positions_and_a_share_in_range() -> None:
     with pytest.raises(ToolkitError, match="matched_negatives must lie in"):
         Balancer(index, labels, epoch_size=64, ratio=0.0, seed=0, fold=0,
                  real_position=np.zeros(len(index)), matched_negatives=1.5)
+
+
+def test_soft_targets_ride_on_the_hard_classes() -> None:
+    """Organ crops: the classes are balanced on the hard labels; each real sample carries its own soft target."""
+    index, labels = _real(n_pos=10, n_neg=90)
+    targets = np.where(labels > 0, 0.5 + np.arange(100) / 200.0, np.arange(100) / 250.0).astype(np.float32)
+    synthetic = np.r_[np.ones(50), np.zeros(50)]
+    kwargs = dict(epoch_size=128, ratio=0.25, seed=0, fold=2)
+    soft = Balancer(index, labels, synthetic, real_targets=targets, **kwargs).plan(1)
+    hard = Balancer(index, labels, synthetic, **kwargs).plan(1)
+    # The same samples in the same order: only the real samples' targets differ.
+    np.testing.assert_array_equal(soft.index, hard.index)
+    np.testing.assert_array_equal(soft.source, hard.source)
+    real = soft.source == REAL
+    target_of = dict(zip(index, targets, strict=True))
+    np.testing.assert_array_equal(soft.label[real], [target_of[i] for i in soft.index[real]])
+    np.testing.assert_array_equal(soft.label[~real], hard.label[~real])
+    assert ((soft.label[real] > 0) & (soft.label[real] < 1)).any()
+    # Without soft targets the labels are the hard ones, as before.
+    assert set(np.unique(hard.label[real])) == {0.0, 1.0}
+    with pytest.raises(ToolkitError, match="one target in \\[0, 1\\] per real row"):
+        Balancer(index, labels, synthetic, real_targets=targets[:5], **kwargs)

@@ -49,7 +49,7 @@ def test_set_changes_one_organ_of_a_mapping_and_keeps_the_others():
     # train.organs merges per organ and per key; an empty mapping drops every override.
     cfg = load("demo", "train.organs.liver.image_size=96", "train.organs.kidney.lr=1e-3")
     assert cfg.train.organs == {
-        "kidney": {"image_size": 128, "trainable_blocks": -1, "lr": 1e-3},
+        "kidney": {"trainable_blocks": -1, "lr": 1e-3},
         "bowel": {"image_size": 128},
         "liver": {"image_size": 96},
     }
@@ -161,11 +161,11 @@ def test_classifier_or_generator_larger_than_the_stored_slices_is_refused(tmp_pa
     cfg = load("demo", "train.organs={}", "train.image_size=64", "train.epochs=1")
     with pytest.raises(ContractError, match=r"train.image_size=64 is above the 32 px slices of the store .* upsampled"):
         train_run(ws, cfg, organs=["liver"])
-    cfg = load("demo", "train.image_size=32")  # demo trains kidney at 128 px
+    cfg = load("demo", "train.image_size=32", "train.organs.kidney.image_size=128")
     with pytest.raises(ContractError, match=r"train.organs.kidney.image_size=128 is above the 32 px slices"):
         train_run(ws, cfg, organs=["liver"])
     with pytest.raises(ContractError, match=r"gen.image_size=64 is above the 32 px slices .* prepare --force"):
-        generate(ws, load("demo", "gen.image_size=64"), "liver")
+        generate(ws, load("demo", "gen.image_size=64", "gen.input=slices"), "liver")
     assert not (ws.runs_dir).exists() and not ws.synthetic_root.exists()  # refused before anything is written
 
 
@@ -185,7 +185,9 @@ def test_one_organ_rule_for_configs_and_saved_config_dicts():
 
     cfg = load("demo")
     kidney, liver = organ_config(cfg, "kidney").train, organ_config(cfg, "liver").train
-    assert (kidney.image_size, kidney.trainable_blocks, kidney.organs) == (128, -1, {})
+    bowel = organ_config(cfg, "bowel").train
+    assert (kidney.image_size, kidney.trainable_blocks, kidney.organs) == (64, -1, {})
+    assert (bowel.image_size, bowel.trainable_blocks) == (128, 3)
     assert liver == dataclasses.replace(cfg.train, organs={})
     saved = cfg.to_dict()["train"]  # what eval reads from an old run's config.yaml
     assert organ_train_settings(saved, "kidney") == {
@@ -194,7 +196,7 @@ def test_one_organ_rule_for_configs_and_saved_config_dicts():
     # An old run.json without per-organ settings: eval rebuilds them from config.yaml with the same rule.
     info = RunInfo("r", None, 0.0, 0, 3, ["kidney", "liver"], "mobilenetv2_100", 64, [[60, 200]], 384, 8)
     run = Run("r", RunFolder(Path(".")), info, config={"train": saved})
-    assert run.organ_setting("kidney", "image_size") == 128 and run.image_size("liver") == 64
+    assert run.organ_setting("bowel", "image_size") == 128 and run.image_size("liver") == 64
     assert run.organ_setting(None, "trainable_blocks") == 3 and run.organ_setting("kidney", "trainable_blocks") == -1
     from train.run import organ_config as from_train
 

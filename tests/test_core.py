@@ -86,7 +86,8 @@ def test_window_maps_hu_to_unit_range_and_back():
 def test_every_command_has_help():
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
-    commands = ["demo-data", "prepare", "status", "gen", "train", "compare", "explain", "predict", "demo"]
+    commands = ["demo-data", "prepare", "segment", "crop", "status", "gen", "train", "compare", "explain", "predict",
+                "demo"]
     for command in commands:
         assert command in result.output, f"`toolkit {command}` is not registered"
         sub = runner.invoke(app, [command, "--help"])

@@ -33,6 +33,14 @@ TINY = [
     "gen.gan.ngf=8",
     "gen.gan.ndf=8",
     "gen.audit_feature_epochs=1",
+    # A localizer that finds the organs (as tests/test_segment.py's): crops of every organ in every fold.
+    "segment.image_size=32",
+    "segment.channels=[16, 32, 64]",
+    "segment.epochs=20",
+    "segment.batch_size=8",
+    "segment.lr=0.01",
+    "segment.augment=false",
+    "crop.size=32",
     "train.model=mobilenetv2_050",
     "train.pretrained=false",
     "train.image_size=32",
@@ -77,6 +85,11 @@ def test_demo_runs_end_to_end_and_reports_every_organ(tmp_path):
         folds = sorted((tmp_path / "runs" / name).glob("*/fold_*/config.json"))
         assert {p.parts[-3] for p in folds} == set(ORGANS)
         assert {json.loads(p.read_text())["image_size"] for p in folds} == {32}, name
+        # Kidney, liver and spleen read their organ crops (segment -> crop ran), bowel and extravasation slices.
+        inputs = {o: runs[name].input(o)["input"] for o in ORGANS}
+        assert inputs == {o: "crops" if o in ("kidney", "liver", "spleen") else "slices" for o in ORGANS}, name
+    for organ in ("kidney", "liver", "spleen"):
+        assert (tmp_path / "store" / "crops" / organ / "masks.npy").exists()
 
     # Re-running keeps finished work: nothing is retrained, the report is rebuilt.
     before = (tmp_path / "runs" / "real-only" / "liver" / "test_patients.csv").read_bytes()

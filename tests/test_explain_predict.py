@@ -42,7 +42,7 @@ def tiny_train_config(seed: int = 0, **liver: object) -> Config:
         # Deliberately not the store's size: the store the run was trained on is the authority.
         "data": {"size": 64, "slices_per_series": 5, "windows": [[40.0, 400.0]]},
         "train": {"model": "mobilenetv2_050", "pretrained": False, "image_size": SIZE, "folds": 2, "epochs": 1,
-                  "epoch_size": 32, "batch_size": 16, "trainable_blocks": -1, "num_workers": 0,
+                  "epoch_size": 32, "batch_size": 16, "trainable_blocks": -1, "num_workers": 0, "input": "slices",
                   "organs": {"liver": liver} if liver else {}},
     })
 

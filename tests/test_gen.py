@@ -30,6 +30,7 @@ from toolkit.transforms import resize_slices, window_hu
 from toolkit.workspace import Workspace
 
 TINY = {
+    "input": "slices",  # toy stores have no organ crops (tests/test_crops.py generates from them)
     "image_size": 16,
     "train_steps": 4,
     "batch_size": 8,

@@ -18,7 +18,7 @@ from toolkit.data.labels import TRAIN_COLUMNS
 from toolkit.data.prepare import prepare_store, summarize_store
 from toolkit.data.split import split_hash, split_patients
 from toolkit.errors import ToolkitError
-from toolkit.sliceset import FIELD_COLUMNS, SliceSet, organ_columns
+from toolkit.sliceset import FIELD_COLUMNS, SliceSet, image_level_columns, organ_columns
 
 # patient -> {organ: grade}; every organ has injured patients, 105 has both bowel and extravasation.
 GRADES = {
@@ -100,7 +100,8 @@ def test_labels_split_and_files(rsna: Path, tmp_path: Path) -> None:
     store = prepare_store(rsna, tmp_path / "store", tiny_cfg())
     t = store.table
     expected = ["patient_id", "series_id", "instance", "z", *organ_columns(), "split", "fold", "source"]
-    assert list(t.columns) == expected + ["aortic_hu", "incomplete_organ", *FIELD_COLUMNS, "mask_source"]
+    assert list(t.columns) == expected + ["aortic_hu", "incomplete_organ", *FIELD_COLUMNS, "mask_source",
+                                          *image_level_columns()]
     assert (t["field_side"] == 16).all() and (t["field_top"] == 0).all()
     assert store.images.dtype == np.int16 and store.images.shape == (9 * 6, 16, 16)
     assert (t["source"] == "real").all()
@@ -428,6 +429,10 @@ def test_solid_organ_slice_annotations_label_only_their_series() -> None:
     assert out["liver"].tolist() == [0, 2, 2, 0] + [2] * 4 + [1] * 4  # series 11 and 20: patient grade
     assert out["bowel"].tolist() == [0] * 8 + [0, 0, 0, 1]
     assert (out["liver_patient"] == [2] * 8 + [1] * 4).all()
+    # Which labels came from image-level rows: liver only in series 10; bowel in every series with any row.
+    assert out["liver_image_level"].tolist() == [1] * 4 + [0] * 8
+    assert out["bowel_image_level"].tolist() == [1] * 4 + [0] * 4 + [1] * 4
+    assert out["spleen_image_level"].sum() == 0
 
 
 # ------------------------------------------------------ bad input through the CLI

@@ -122,10 +122,14 @@ def test_label_maps_and_visibility_are_aligned_with_the_store(segmented: tuple) 
     assert labels.dtype == np.uint8 and labels.shape == store.images.shape
     assert set(np.unique(labels)) <= set(range(len(SEG_ORGANS) + 1))
     organs = read_organs(store_dir, store.table)
-    masked = has_mask(store.table)
-    # Real masks are kept where a series has one; the other slices carry the prediction.
+    test = store.table["split"].to_numpy() == "test"
+    masked = has_mask(store.table) & ~test
+    # Real masks are kept where a training series has one; the other slices carry the prediction, and so do
+    # annotated test series (scored as new data would be): their labels are not simply their masks.
     masks = load_masks(store_dir)
     np.testing.assert_array_equal(labels[masked], masks[masked])
+    masked_test = has_mask(store.table) & test
+    assert masked_test.any() and not np.array_equal(labels[masked_test], masks[masked_test])
     assert (organs.loc[masked, "label_source"] == "rsna").all()
     assert (organs.loc[~masked, "label_source"] == PREDICTED).all()
     assert (labels[~masked] > 0).mean() > 0.05  # predicted organs on the unannotated series

@@ -36,6 +36,7 @@ def tiny_config(**train: object) -> Config:
     values = dict(
         model="mobilenetv2_050", pretrained=False, image_size=32, folds=2, epochs=2, epoch_size=32,
         batch_size=16, trainable_blocks=-1, patience=5, num_workers=0, synthetic_ratio=0.0,
+        input="slices",  # the toy store has no organ crops (tests/test_crops.py trains on them)
     )
     values.update(train)
     return load_config("default", {"data": {"windows": [[40, 400]]}, "train": values})
@@ -406,7 +407,7 @@ def test_cli_reports_a_missing_synthetic_pool_in_one_line(ws: Workspace) -> None
     result = CliRunner().invoke(
         app,
         ["train", "-w", str(ws.root), "--organ", "kidney", "--synthetic-ratio", "0.5", "--no-pretrained",
-         "--image-size", "32"],
+         "--image-size", "32", "--set", "train.input=slices"],
     )
     assert result.exit_code == 2
     lines = [line for line in result.output.splitlines() if line.strip()]

@@ -11,3 +11,9 @@ ORGANS: tuple[str, ...] = ("bowel", "extravasation", "kidney", "liver", "spleen"
 
 GRADED_ORGANS: tuple[str, ...] = ("kidney", "liver", "spleen")
 """Organs labelled healthy/low/high; the others are healthy/injury."""
+
+CROP_ORGANS: tuple[str, ...] = ("kidney", "liver", "spleen")
+"""Organs with a crop set around the organ (``toolkit crop``); bowel and extravasation keep the body crop."""
+
+INPUTS: tuple[str, ...] = ("crops", "slices")
+"""What a classifier or generator of an organ reads: its organ crops, or the stored (body-cropped) slices."""

@@ -10,7 +10,7 @@ app = typer.Typer(
     name="toolkit",
     help=(
         "Does synthetic CT make my injury classifier better? Pipeline: "
-        "demo-data -> prepare -> gen -> train -> compare (or all at once: demo). "
+        "demo-data -> prepare -> segment -> crop -> gen -> train -> compare (or all at once: demo). "
         "Every command works in a workspace folder (--workdir, default: current directory)."
     ),
     no_args_is_help=True,

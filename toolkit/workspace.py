@@ -7,7 +7,8 @@
       data/                    raw RSNA-layout input: train.csv, train_series_meta.csv,
                                image_level_labels.csv, train_images/<patient>/<series>/<n>.dcm
                                (+ phantom_truth/ for the built-in phantom)
-      store/                   the real slice store (toolkit prepare)
+      store/                   the real slice store (toolkit prepare), organ label maps (toolkit segment)
+      store/crops/<organ>/     organ crop sets of kidney, liver, spleen (toolkit crop)
       synthetic/<organ>/       synthetic slice set + generator checkpoint + audit (toolkit gen)
       runs/<name>/             classifier runs (toolkit train)
       reports/<name>/          comparisons (toolkit compare), heat maps (toolkit explain)
@@ -19,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from toolkit import ORGANS
+from toolkit import CROP_ORGANS, ORGANS
 from toolkit.errors import ConfigError
 
 
@@ -73,6 +74,12 @@ class Workspace:
         has_store = (self.store_dir / "manifest.csv").exists()
         hint = "no slice store: run `toolkit prepare`"
         rows.append(("prepare", has_store, str(self.store_dir) if has_store else hint))
+        has_labels = (self.store_dir / "organs.csv").exists()
+        hint = "no organ label maps: run `toolkit segment` (or train and generate from slices: train.input=slices)"
+        rows.append(("segment", has_labels, str(self.store_dir / "organ_labels.npy") if has_labels else hint))
+        cropped = [o for o in CROP_ORGANS if (self.store_dir / "crops" / o / "manifest.csv").exists()]
+        hint = "no organ crops: run `toolkit crop`"
+        rows.append(("crop", bool(cropped), f"crop sets for: {', '.join(cropped)}" if cropped else hint))
         done = [o for o in ORGANS if (self.synthetic_dir(o) / "manifest.csv").exists()]
         hint = "no synthetic slices: run `toolkit gen --organ all`"
         rows.append(("gen", bool(done), f"synthetic sets for: {', '.join(done)}" if done else hint))

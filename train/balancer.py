@@ -37,6 +37,13 @@ little. Synthetic slices have no level and are drawn uniformly. A matched draw r
 slices within its bin, so a healthy slice at a crowded level may come back more than
 ``ceil(m / n)`` times.
 
+Soft targets
+------------
+Organ crops carry a soft target per slice (patient label x organ visibility, see
+:mod:`toolkit.artifacts.crops`). The balancer stratifies on the hard label it is given and hands
+each real sample its ``real_targets`` value as the training target (the loss is BCE with soft
+targets); synthetic samples keep their class.
+
 Sampling uses ``np.random.default_rng([seed, fold, epoch])``: the plan of an epoch
 depends on nothing else, which makes interrupted runs resume exactly.
 """
@@ -70,7 +77,8 @@ class EpochPlan:
     index : ndarray of shape (epoch_size,), dtype=int64
         Row of the real store (``source == REAL``) or of the synthetic pool.
     label : ndarray of shape (epoch_size,), dtype=float32
-        Binary injury label (1 = injured).
+        Training target in [0, 1]: the real slice's target (its binary label unless ``real_targets``
+        were given), the synthetic slice's class.
     """
 
     source: np.ndarray
@@ -151,7 +159,7 @@ class Balancer:
     real_index : ndarray of shape (n_real,), dtype=int64
         Store rows of the real slices allowed in training (the training folds only).
     real_labels : ndarray of shape (n_real,)
-        Their binary labels.
+        Their binary (hard) labels: what the classes are balanced on.
     synthetic_labels : ndarray of shape (n_synthetic,), optional
         Binary labels of the usable synthetic pool (near copies already removed);
         ``plan().index`` of synthetic samples refers to positions in this array.
@@ -172,6 +180,8 @@ class Balancer:
         ``matched_negatives > 0``.
     matched_negatives : float, default=0.0
         Share ``h`` of the real healthy samples drawn position-matched to the injured slices.
+    real_targets : ndarray of shape (n_real,), optional
+        Soft training target of each real row, in [0, 1]; default: its binary label.
     """
 
     def __init__(
@@ -189,6 +199,7 @@ class Balancer:
         near_copy_fraction: float = 0.0,
         real_position: np.ndarray | None = None,
         matched_negatives: float = 0.0,
+        real_targets: np.ndarray | None = None,
     ) -> None:
         if not 0.0 <= ratio <= 1.0:
             raise ToolkitError(f"train.synthetic_ratio must lie in [0, 1], got {ratio}")
@@ -202,6 +213,11 @@ class Balancer:
             raise ToolkitError(
                 f"balancer got {len(self.real_index)} real rows but {len(real_labels)} labels"
             )
+        targets = real_labels.astype(np.float32) if real_targets is None else np.asarray(real_targets, np.float32)
+        if len(targets) != len(self.real_index) or not ((targets >= 0) & (targets <= 1)).all():
+            raise ToolkitError(f"balancer needs one target in [0, 1] per real row ({len(self.real_index)})")
+        # Store row -> target, for the rows an epoch draws.
+        self._target_of = pd.Series(targets, index=self.real_index)
         self.epoch_size = int(epoch_size)
         self.ratio = float(ratio)
         self.seed = int(seed)
@@ -260,7 +276,10 @@ class Balancer:
             drawn = np.concatenate([_draw(rng, candidates, m) for candidates, m in strata])
             indices.append(drawn)
             sources.append(np.full(len(drawn), source, dtype=np.int8))
-            labels.append(np.full(len(drawn), label, dtype=np.float32))
+            if source == REAL:
+                labels.append(self._target_of.loc[drawn].to_numpy(np.float32))
+            else:
+                labels.append(np.full(len(drawn), label, dtype=np.float32))
         order = rng.permutation(self.epoch_size)
         return EpochPlan(
             source=np.concatenate(sources)[order],

@@ -77,6 +77,9 @@ def train(
 ) -> None:
     """Fine-tune one timm MobileNetV2 per organ under patient-grouped K-fold CV; ensemble the folds on test.
 
+    Kidney, liver and spleen train on their organ crops (store/crops/<organ>/, `toolkit crop`) with soft
+    targets (patient label x organ visibility; image-level rows win); --set train.input=slices trains on
+    the stored slices instead, to compare. Bowel and extravasation read the stored slices.
     Each epoch mixes real slices of the training folds with a share r (--synthetic-ratio)
     of slices from the organ's synthetic pool, balanced 1:1 injured/healthy. Validation and
     test sets are real only. Writes runs/<name>/ (checkpoints, metrics, out-of-fold and test

@@ -28,6 +28,7 @@ import json
 import math
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -92,6 +93,15 @@ def seed_for(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> np.uint64(1))
 
 
+def injury_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy on logits against targets in [0, 1]: hard labels, or the soft targets of
+    organ crops (patient label x organ visibility). Mean over the batch.
+
+    logits, targets : tensors of shape (B,), float32
+    """
+    return nn.functional.binary_cross_entropy_with_logits(logits, targets)
+
+
 def binary_auc(labels: np.ndarray, probs: np.ndarray) -> float:
     """ROC AUC, NaN when ``labels`` hold a single class."""
     labels = np.asarray(labels)
@@ -105,12 +115,12 @@ def train_one_epoch(
     loader: DataLoader,
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
-    loss_fn: nn.Module,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     accelerator: Accelerator,
     progress: Any | None = None,
     task: Any | None = None,
 ) -> dict[str, float]:
-    """One pass over ``loader``: forward, BCE-with-logits, backward, AdamW step, scheduler step.
+    """One pass over ``loader``: forward, ``loss_fn`` (:func:`injury_loss`), backward, AdamW step, scheduler step.
 
     Returns
     -------
@@ -164,7 +174,7 @@ def evaluate(model: nn.Module, loader: DataLoader, accelerator: Accelerator) -> 
             acc.append(value.cpu())
     logit = torch.cat(logits)
     label = torch.cat(labels)
-    loss = float(nn.functional.binary_cross_entropy_with_logits(logit, label)) if len(label) else float("nan")
+    loss = float(injury_loss(logit, label)) if len(label) else float("nan")
     prob = torch.sigmoid(logit).numpy().astype(np.float32)
     label = label.numpy()
     return {
@@ -252,7 +262,7 @@ class FoldParts:
     model: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: Any
-    loss_fn: nn.Module
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     train_loader: DataLoader
     val_loader: DataLoader
     test_loader: DataLoader
@@ -283,8 +293,7 @@ def build_fold(accelerator: Accelerator, cfg: Config, data: FoldData, fold: Fold
     trainer = new_trainer_state()
     if fold.state_dir.exists():
         trainer = _load_state(fold.state_dir, accelerator.unwrap_model(model), optimizer, scheduler)
-    return FoldParts(model, optimizer, scheduler, nn.BCEWithLogitsLoss(), train_loader, val_loader, test_loader,
-                     trainer)
+    return FoldParts(model, optimizer, scheduler, injury_loss, train_loader, val_loader, test_loader, trainer)
 
 
 def run_epoch(

@@ -15,6 +15,16 @@ files are gathered into ``oof.csv``, ``oof_patients.csv``, ``test_folds.csv``,
 ``test_slices.csv`` and ``test_patients.csv``; ``run.json`` records each organ's resolved
 settings (``train`` plus its ``train.organs`` override).
 
+Inputs
+------
+With ``train.input: crops`` (the default) kidney, liver and spleen (``crop.organs``) train on their crop
+set (``store/crops/<organ>/``, :mod:`toolkit.artifacts.crops`): each crop's soft target (patient label x
+organ visibility, or the slice label where image-level rows give one) is the BCE target, and the
+balancer stratifies on its hard label (target >= 0.5). A patient's score aggregates all of their crops
+(both kidneys); a test or validation patient without any crop of the organ (the localizer found none)
+scores 0. ``train.input: slices`` trains on the stored slices and slice labels, to compare. Bowel and
+extravasation always read the stored slices. ``run.json`` records what each organ read (``inputs``).
+
 Slice files use the slice label; patient files the patient label (``<organ>_patient > 0``)
 and grade. A patient's ``prob`` aggregates its slice probabilities (``cfg.train.aggregate``:
 max, or mean of the ``top_k`` highest); in ``test_patients.csv`` it aggregates the
@@ -24,6 +34,7 @@ ensemble slice probabilities, ``prob_fold_k`` those of fold ``k`` alone.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import shutil
 from collections.abc import Collection, Iterator
@@ -36,10 +47,11 @@ import pandas as pd
 import torch
 
 from toolkit import ORGANS
+from toolkit.artifacts.crops import CropSet, load_crop_set, reads_crops
 from toolkit.artifacts.run import RunFolder, RunInfo
 from toolkit.artifacts.synthetic import SyntheticSet
 from toolkit.config import Config, check_image_sizes, organ_config, save_config, validate
-from toolkit.errors import ToolkitError
+from toolkit.errors import ContractError, DataError, ToolkitError
 from toolkit.reporting import Reporter, as_reporter
 from toolkit.sliceset import MANIFEST_FILE, SliceSet
 from toolkit.workspace import Workspace
@@ -97,7 +109,71 @@ def resolve_folds(table: pd.DataFrame, folds: int | None) -> tuple[int, np.ndarr
             f"train.folds={k} but the store has {n_store} folds; use --folds <= {n_store} "
             f"or re-run `toolkit prepare --folds {k} --force`"
         )
-    return k, np.where(store_fold >= 0, store_fold % k, -1)
+    return k, merged_folds(table, k)
+
+
+def merged_folds(table: pd.DataFrame, k: int) -> np.ndarray:
+    """Each row's fold among ``k`` (``store fold % k``; -1 for test rows): the store's manifest or a crop set's."""
+    store_fold = table["fold"].to_numpy().astype(np.int64)
+    return np.where(store_fold >= 0, store_fold % k, -1)
+
+
+# ------------------------------------------------------------------ what an organ reads
+@dataclass
+class OrganData:
+    """The rows one organ's classifiers train and are scored on: the store's slices or the organ's crops.
+
+    Attributes
+    ----------
+    table : DataFrame of n rows
+        The store's manifest or the crop set's; datasets index its rows (prediction files' ``row``).
+    images : ndarray of shape (n, S, S), dtype=int16
+        HU resized to the organ's ``train.image_size``.
+    labels : ndarray of shape (n,), dtype=int64
+        Binary labels: slice labels, or the crops' hard labels (what the balancer stratifies on).
+    targets : ndarray of shape (n,), dtype=float32
+        Training targets: the labels, or the crops' soft targets.
+    fold_of : ndarray of shape (n,), dtype=int64
+        Fold among the run's ``K`` (-1: test).
+    position : ndarray of shape (n,)
+        Relative level in the series (:func:`train.balancer.series_position`).
+    record : dict
+        What run.json ``inputs`` records for the organ.
+    """
+
+    table: pd.DataFrame
+    images: np.ndarray
+    labels: np.ndarray
+    targets: np.ndarray
+    fold_of: np.ndarray
+    position: np.ndarray
+    record: dict[str, Any]
+
+
+def organ_input(cfg: Config, organ: str) -> str:
+    """``"crops"`` when ``organ`` trains on its crop set (``train.input`` crops and ``organ`` in ``crop.organs``),
+    else ``"slices"``."""
+    return "crops" if reads_crops(cfg.train.for_organ(organ).input, organ, cfg.crop.organs) else "slices"
+
+
+def crop_record(crops: CropSet, store_dir: Path) -> dict[str, Any]:
+    """run.json ``inputs`` entry of an organ trained on ``crops``: enough for ``predict`` to cut a new series."""
+    from seg.store import SEGMENTER_DIR
+
+    return {"input": "crops", "crop_id": crops.crop_id, "size": int(crops.size), "margin": float(crops.margin),
+            "min_visibility": float(crops.min_visibility), "segmenter_dir": str(Path(store_dir) / SEGMENTER_DIR)}
+
+
+def check_crop_sizes(organ_cfgs: dict[str, Config], crop_sets: dict[str, CropSet]) -> None:
+    """Refuse a classifier larger than its crops (it would learn upsampled crops), as for the store."""
+    for organ, crops in crop_sets.items():
+        size = organ_cfgs[organ].train.image_size
+        if size > crops.size:
+            raise ContractError(
+                f"the {organ} classifier's image size {size} (train.image_size / train.organs.{organ}) is above the "
+                f"{crops.size} px crops of {crops.path}: lower it to <= {crops.size} or re-run `toolkit crop --force "
+                f"--size {size}`"
+            )
 
 
 # ------------------------------------------------------------------ synthetic pool
@@ -119,9 +195,11 @@ def load_synthetic_pool(
     windows: list[list[float]],
     allow_resize: bool = False,
     reporter: Reporter | None = None,
+    input_id: str = "slices",
 ) -> SyntheticPool:
-    """Read ``synthetic/<organ>/`` and refuse a set made for another split, window or (unless
-    ``allow_resize``, i.e. ``train.synthetic_resize``) image size; see ``SyntheticSet.check_compatible``."""
+    """Read ``synthetic/<organ>/`` and refuse a set made for another split, window, input (``input_id``:
+    ``"slices"`` or the crop id the classifier reads) or (unless ``allow_resize``, i.e.
+    ``train.synthetic_resize``) image size; see ``SyntheticSet.check_compatible``."""
     directory = ws.synthetic_dir(organ)
     if not (directory / MANIFEST_FILE).exists():
         raise ToolkitError(
@@ -130,7 +208,8 @@ def load_synthetic_pool(
         )
     synthetic = SyntheticSet.load(directory)
     resize = synthetic.check_compatible(
-        organ=organ, split_hash=split_hash, windows=windows, image_size=image_size, allow_resize=allow_resize
+        organ=organ, split_hash=split_hash, windows=windows, image_size=image_size, allow_resize=allow_resize,
+        input_id=input_id,
     )
     near = synthetic.near_copy
     keep = np.flatnonzero(~near)
@@ -157,7 +236,8 @@ def load_synthetic_pool(
 # ------------------------------------------------------------------ run folder
 def _comparable(cfg_dict: dict[str, Any]) -> dict[str, Any]:
     train = {k: v for k, v in cfg_dict["train"].items() if k not in _RESUME_IGNORES}
-    return {"seed": cfg_dict["seed"], "windows": cfg_dict["data"]["windows"], "train": train}
+    return {"seed": cfg_dict["seed"], "windows": cfg_dict["data"]["windows"], "train": train,
+            "crop": cfg_dict.get("crop")}
 
 
 def _open_run_dir(folder: RunFolder, cfg: Config, resume: bool, force: bool, main: bool = True) -> RunInfo | None:
@@ -183,7 +263,9 @@ def _open_run_dir(folder: RunFolder, cfg: Config, resume: bool, force: bool, mai
     if not saved:
         raise ToolkitError(f"{run_dir} has no config.yaml to resume from; pass --force to start it over")
     old, new = _comparable(saved), _comparable(cfg.to_dict())
-    for key in ("seed", "windows"):
+    for key in ("seed", "windows", "crop"):
+        if key == "crop" and old[key] is None:  # a run from before organ crops
+            continue
         if old[key] != new[key]:
             raise ToolkitError(f"cannot resume run '{run_dir.name}': {key} was {old[key]}, now {new[key]}")
     for key, value in new["train"].items():
@@ -287,13 +369,20 @@ def train_run(
         raise ToolkitError(f"train.mixed_precision: {str(exc).splitlines()[0]}") from None
     main = accelerator.is_main_process
 
+    # Each organ's settings with the input it really reads (train.input crops: slices for bowel/extravasation).
     organ_cfgs = {o: organ_config(cfg, o) for o in organs}
+    organ_cfgs = {o: dataclasses.replace(c, train=dataclasses.replace(c.train, input=organ_input(cfg, o)))
+                  for o, c in organ_cfgs.items()}
+    crop_sets = {o: load_crop_set(ws.store_dir, o) for o in organs if organ_cfgs[o].train.input == "crops"}
+    check_crop_sizes(organ_cfgs, crop_sets)
+    inputs = {o: crop_record(crop_sets[o], ws.store_dir) if o in crop_sets else {"input": "slices"} for o in organs}
     pools: dict[str, SyntheticPool] = {}
     if tc.synthetic_ratio > 0:
         pools = {
             o: load_synthetic_pool(
                 ws, o, split_hash, organ_cfgs[o].train.image_size, cfg.data.windows,
                 allow_resize=organ_cfgs[o].train.synthetic_resize, reporter=reporter,
+                input_id=crop_sets[o].crop_id if o in crop_sets else "slices",
             )
             for o in organs
         }
@@ -309,18 +398,20 @@ def train_run(
         organs=[o for o in ORGANS if o in set(organs) | set(previous.organs if previous else [])],
         organ_train={o: c.train for o, c in organ_cfgs.items()},
         generators={o: p.info for o, p in pools.items()},
+        inputs=inputs,
     )
     if previous is not None:  # keep the records of organs trained earlier
         info.generators = {**previous.generators, **info.generators}
         info.settings = {**previous.settings, **info.settings}
+        info.inputs = {**previous.inputs, **info.inputs}
     if main:
         folder.path.mkdir(parents=True, exist_ok=True)
         save_config(cfg, folder.config_path)
         folder.write_info(info)
 
     table = store.table
-    test_rows = np.flatnonzero(is_test)
-    # Resize every needed slice once per image size (train + test rows of the memory-mapped store).
+    # Stored slices resized once per image size (train + test rows of the memory-mapped store).
+    allowed = None if train_patients is None else np.fromiter(train_patients, np.int64)
     resized: dict[int, np.ndarray] = {}
     position = series_position(table["series_id"].to_numpy(), table["z"].to_numpy())
 
@@ -328,20 +419,30 @@ def train_run(
         for organ in organs:
             ocfg = organ_cfgs[organ]
             otc = ocfg.train
-            if otc.image_size not in resized:
-                resized[otc.image_size] = resize_hu(store.images, otc.image_size)
-            real = resized[otc.image_size]
-            labels = store.labels(organ, "slice")
+            if organ in crop_sets:
+                data_o = crop_data(crop_sets[organ], otc.image_size, n_folds, inputs[organ])
+            else:
+                if otc.image_size not in resized:
+                    resized[otc.image_size] = resize_hu(store.images, otc.image_size)
+                labels = store.labels(organ, "slice")
+                data_o = OrganData(table, resized[otc.image_size], labels, labels.astype(np.float32), fold_of,
+                                   position, inputs[organ])
+            split = data_o.table["split"].to_numpy()
+            is_train = split == "train"
+            if allowed is not None:  # a study's real-data fraction: fewer training and validation patients
+                is_train &= np.isin(data_o.table["patient_id"].to_numpy(), allowed)
+            test_rows = np.flatnonzero(split == "test")  # the test set never changes
             pool = pools.get(organ)
             for k in folds_to_train:
                 fold = folder.fold(organ, k)
                 if fold.done:
                     continue
-                train_rows = np.flatnonzero(is_train & (fold_of != k))
-                val_rows = np.flatnonzero(is_train & (fold_of == k))
+                train_rows = np.flatnonzero(is_train & (data_o.fold_of != k))
+                val_rows = np.flatnonzero(is_train & (data_o.fold_of == k))
+                _check_rows(organ, k, data_o, val_rows, test_rows)
                 balancer = Balancer(
                     train_rows,
-                    labels[train_rows],
+                    data_o.labels[train_rows],
                     None if pool is None else pool.labels,
                     epoch_size=otc.epoch_size,
                     ratio=tc.synthetic_ratio,
@@ -350,20 +451,23 @@ def train_run(
                     max_repeat=otc.synthetic_max_repeat,
                     organ=organ,
                     near_copy_fraction=0.0 if pool is None else pool.near_copy_fraction,
-                    real_position=position[train_rows],
+                    real_position=data_o.position[train_rows],
                     matched_negatives=otc.matched_negatives,
+                    real_targets=data_o.targets[train_rows],
                 )
+                real = data_o.images
                 data = FoldData(
                     organ=organ,
                     fold=k,
                     train_set=BalancedEpochDataset(real, None if pool is None else pool.images, balancer, cfg.seed),
-                    val_set=_real_set(real, val_rows, labels),
-                    test_set=_real_set(real, test_rows, labels),
-                    table=table,
+                    val_set=_real_set(real, val_rows, data_o.labels),
+                    test_set=_real_set(real, test_rows, data_o.labels),
+                    table=data_o.table,
                 )
                 train_fold(accelerator, ocfg, data, fold, ORGANS.index(organ), progress, hooks)
             if main and all(folder.fold(organ, k).done for k in range(n_folds)):
-                write_organ_outputs(folder, organ, table, n_folds, otc.aggregate, otc.top_k)
+                write_organ_outputs(folder, organ, data_o.table, n_folds, otc.aggregate, otc.top_k,
+                                    patients=table, reporter=reporter)
                 plot_learning_curve(folder, organ, n_folds)
             accelerator.wait_for_everyone()
 
@@ -371,6 +475,35 @@ def train_run(
         info.complete = all(folder.has_table(o, "test_patients") for o in info.organs)
         folder.write_info(info)
     return folder.path
+
+
+def _check_rows(organ: str, k: int, data: OrganData, val_rows: np.ndarray, test_rows: np.ndarray) -> None:
+    """A validation fold or a test set without any row of the organ (a localizer that found it nowhere there)."""
+    if len(val_rows) and len(test_rows):
+        return
+    what = f"validation fold {k}" if not len(val_rows) else "the test split"
+    if data.record["input"] == "crops":
+        raise DataError(
+            f"{what} holds no {organ} crop: the organ localizer found no {organ} in any of its series; check "
+            f"`toolkit segment`'s Dice (segment.epochs) or train {organ} on whole slices (--set train.input=slices)"
+        )
+    raise DataError(f"{what} holds no {organ} slice; re-run `toolkit prepare --force`")
+
+
+def crop_data(crops: CropSet, image_size: int, n_folds: int, record: dict[str, Any]) -> OrganData:
+    """An organ's crop set as training rows: crops resized, hard labels, soft targets, folds, levels."""
+    table = crops.table
+    # Both kidneys of a slice share its level: the position is ranked within series and side.
+    series_side = table["series_id"].astype(str) + "/" + table["side"].astype(str)
+    return OrganData(
+        table=table,
+        images=resize_hu(crops.images, image_size),
+        labels=crops.hard_labels,
+        targets=crops.targets,
+        fold_of=merged_folds(table, n_folds),
+        position=series_position(series_side.to_numpy(), table["z"].to_numpy()),
+        record=record,
+    )
 
 
 def _real_set(real: np.ndarray, rows: np.ndarray, labels: np.ndarray) -> SliceDataset:
@@ -384,7 +517,14 @@ def _patient_truth(table: pd.DataFrame, organ: str) -> pd.DataFrame:
 
 
 def write_organ_outputs(
-    folder: RunFolder, organ: str, table: pd.DataFrame, n_folds: int, aggregate: str, top_k: int
+    folder: RunFolder,
+    organ: str,
+    table: pd.DataFrame,
+    n_folds: int,
+    aggregate: str,
+    top_k: int,
+    patients: pd.DataFrame | None = None,
+    reporter: Reporter | None = None,
 ) -> None:
     """Gather the folds' prediction files into the organ's slice- and patient-level tables.
 
@@ -394,15 +534,23 @@ def write_organ_outputs(
         Reads ``<organ>/fold_<k>/{val,test}_predictions.csv``, writes the organ's tables.
     organ : str
     table : DataFrame
-        The store's manifest (``patient_id`` and ``<organ>_patient``: the patient truth).
+        The rows the predictions' ``row`` index: the store's manifest or the organ's crop set's.
     n_folds : int
     aggregate, top_k
         The organ's slice-to-patient rule (:func:`train.inference.patient_scores`).
+    patients : DataFrame, optional
+        The store's manifest (``patient_id``, ``split``, ``fold``, ``<organ>_patient``: the patient truth).
+        Every test patient and every training patient's validation fold then gets a score: 0 for a
+        patient without any scored row (no crop of the organ), so the tables cover the same patients
+        whatever a run read. Default: ``table``.
+    reporter : Reporter, optional
+        Warns of patients scored 0 that way.
     """
     folds = [folder.fold(organ, k) for k in range(n_folds)]
     val = pd.concat([f.read_predictions("val") for f in folds])
     test = pd.concat([f.read_predictions("test") for f in folds])
-    truth = _patient_truth(table, organ)
+    store_table = table if patients is None else patients
+    truth = _patient_truth(store_table, organ)
 
     val = val.sort_values(["fold", "row"])
     folder.write_table(organ, "oof", val)
@@ -419,13 +567,26 @@ def write_organ_outputs(
 
     prob = patient_scores(ensemble, aggregate, top_k)
     per_fold = patient_scores(test, aggregate, top_k, by=("patient_id", "fold")).unstack("fold")
+    test_ids = np.unique(store_table.loc[store_table["split"] == "test", "patient_id"].to_numpy())
+    unscored = np.setdiff1d(test_ids, prob.index.to_numpy())
+    if len(unscored):
+        as_reporter(reporter).warn(
+            f"{organ}: {len(unscored)} test patient(s) have no {organ} crop (the localizer found no {organ}; first: "
+            f"{int(unscored[0])}); they score 0"
+        )
+    prob = prob.reindex(test_ids, fill_value=0.0)
+    per_fold = per_fold.reindex(test_ids).fillna(0.0)
     patients = truth.loc[prob.index].assign(prob=prob)
     fold_columns = [f"prob_fold_{k}" for k in range(n_folds)]
     for k, column in enumerate(fold_columns):
         patients[column] = per_fold[k]
     folder.write_table(organ, "test_patients", patients.rename_axis("patient_id").reset_index(), extra=fold_columns)
 
-    oof = patient_scores(val, aggregate, top_k, by=("patient_id", "fold")).rename("prob").reset_index()
+    oof = patient_scores(val, aggregate, top_k, by=("patient_id", "fold")).rename("prob")
+    is_train = store_table["split"] == "train"
+    train_fold = store_table[is_train].groupby("patient_id")["fold"].first() % n_folds
+    expected = pd.MultiIndex.from_arrays([train_fold.index, train_fold.to_numpy()], names=["patient_id", "fold"])
+    oof = oof.reindex(expected.sort_values(), fill_value=0.0).reset_index()
     folder.write_table(organ, "oof_patients", oof.join(truth, on="patient_id"))
 
 

@@ -6,7 +6,8 @@ One definition of the layout; nothing else names these files::
     runs/<name>/run.json                           RunInfo: name, split_hash, synthetic_ratio, seed, folds,
                                                    organs, model, image_size, windows, epoch_size, epochs,
                                                    generators, settings (each organ's resolved train
-                                                   settings, OrganSettings), complete
+                                                   settings, OrganSettings), inputs (what each organ
+                                                   read: organ crops or stored slices), complete
     runs/<name>/<organ>/fold_<k>/model.safetensors + config.json   best checkpoint of fold k
     runs/<name>/<organ>/fold_<k>/metrics.csv       epoch, train_loss, val_loss, val_auc, val_patient_auc, lr,
                                                    seconds, slices_per_s
@@ -92,6 +93,7 @@ class OrganSettings:
     top_k: int
     mixed_precision: str
     synthetic_resize: bool = False  # added later: older run.json files lack it
+    input: str = "slices"  # added with organ crops (train.input); older run.json files lack it
 
     @classmethod
     def from_train(cls, train: TrainConfig) -> OrganSettings:
@@ -100,8 +102,10 @@ class OrganSettings:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> OrganSettings:
-        """Inverse of :meth:`to_dict`; raises ``KeyError`` naming a missing key."""
-        return cls(**{f.name: values[f.name] for f in fields(cls)})
+        """Inverse of :meth:`to_dict`; raises ``KeyError`` naming a missing key (keys added later, with a
+        default, may be absent)."""
+        return cls(**{f.name: values[f.name] for f in fields(cls)
+                      if f.name in values or f.default is dataclasses.MISSING})
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -112,7 +116,10 @@ class RunInfo:
     """``run.json``: what a run is, how it was trained, and whether every organ finished.
 
     ``generators`` maps organ -> {generator_id, synthetic_dir, audit} of the synthetic set it
-    trained with; ``settings`` maps organ -> its :class:`OrganSettings`. ``image_size``,
+    trained with; ``settings`` maps organ -> its :class:`OrganSettings`; ``inputs`` maps organ -> what its
+    classifiers read: ``{"input": "slices"}`` (the stored slices) or ``{"input": "crops", "crop_id",
+    "size", "margin", "min_visibility", "segmenter_dir"}`` (its crop set; ``predict`` segments and crops
+    a new series with these). ``image_size``,
     ``model``, ``epochs`` and ``epoch_size`` are the run-level values (before per-organ overrides).
     """
 
@@ -129,6 +136,7 @@ class RunInfo:
     epochs: int
     generators: dict[str, dict[str, Any]] = field(default_factory=dict)
     settings: dict[str, OrganSettings] = field(default_factory=dict)
+    inputs: dict[str, dict[str, Any]] = field(default_factory=dict)  # added with organ crops
     complete: bool = False
 
     @classmethod
@@ -142,6 +150,7 @@ class RunInfo:
         organs: list[str],
         organ_train: Mapping[str, TrainConfig],
         generators: Mapping[str, dict[str, Any]] | None = None,
+        inputs: Mapping[str, dict[str, Any]] | None = None,
     ) -> RunInfo:
         """A run's info from its resolved config; ``organ_train`` is each organ's resolved train section."""
         tc = cfg.train
@@ -159,7 +168,12 @@ class RunInfo:
             epochs=tc.epochs,
             generators=dict(generators or {}),
             settings={o: OrganSettings.from_train(t) for o, t in organ_train.items()},
+            inputs=dict(inputs or {}),
         )
+
+    def input(self, organ: str) -> dict[str, Any]:
+        """What ``organ``'s classifiers read (``inputs``); runs from before organ crops read stored slices."""
+        return dict(self.inputs.get(organ) or {"input": "slices"})
 
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -184,6 +198,7 @@ class RunInfo:
                 f"{source} settings lack {exc} (written by an older toolkit); re-run `toolkit train --force`"
             ) from None
         kwargs["generators"] = dict(values.get("generators") or {})
+        kwargs["inputs"] = dict(values.get("inputs") or {})
         return cls(**kwargs)
 
 

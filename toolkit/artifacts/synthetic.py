@@ -235,6 +235,7 @@ class SyntheticSet:
         image_size: int,
         allow_resize: bool = False,
         mode: str = "image",
+        input_id: str = "slices",
     ) -> bool:
         """Refuse a set that does not fit a classifier run; return whether its slices need resizing.
 
@@ -252,6 +253,9 @@ class SyntheticSet:
         allow_resize : bool, default=False
             ``train.synthetic_resize``: accept another size (the caller resizes and records it).
         mode : str, default="image"
+        input_id : str, default="slices"
+            What the classifier reads: ``"slices"`` or the crop id of its crop set. The generator must
+            have learnt the same (provenance ``input_id``; sets from before organ crops learnt slices).
 
         Returns
         -------
@@ -273,6 +277,12 @@ class SyntheticSet:
             raise ContractError(
                 f"synthetic set {where} was made for split {self.split_hash} but the store's split is "
                 f"{split_hash}: {regen}"
+            )
+        made_from = str(self.provenance.get("input_id", "slices"))
+        if made_from != input_id:
+            raise ContractError(
+                f"synthetic set {where} was learnt from {made_from} but this run's {organ} classifier reads "
+                f"{input_id} (train.input / gen.input, toolkit crop): {regen}"
             )
         if _windows(self.windows) != _windows(windows):
             raise ContractError(

@@ -13,6 +13,10 @@ Slice labels (the ``<organ>`` manifest column; ``<organ>_patient`` is always the
   for them. This toolkit also reads ``Kidney``, ``Liver`` and ``Spleen`` rows (slice annotations of
   your own data, or the demo phantom's): where a series has rows for the organ, the label is the
   patient grade (at least 1) on the listed instances and 0 on the series' other slices.
+
+``<organ>_image_level`` is 1 on every slice of a series whose ``<organ>`` label comes from
+image-level rows (by the rules above), else 0: later stages let those labels win over their own
+(``toolkit crop``'s soft targets).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import pandas as pd
 
 from toolkit import GRADED_ORGANS, ORGANS
 from toolkit.errors import DataError
+from toolkit.sliceset import image_level_column
 
 TRAIN_CSV = "train.csv"
 SERIES_META_CSV = "train_series_meta.csv"
@@ -200,8 +205,8 @@ def slice_labels(
 
     Returns
     -------
-    DataFrame of n_slices rows, columns ``bowel, bowel_patient, ..., spleen, spleen_patient`` (int64),
-    aligned with ``slices``.
+    DataFrame of n_slices rows, columns ``bowel, bowel_patient, ..., spleen, spleen_patient`` and
+    ``<organ>_image_level`` for each organ (int64), aligned with ``slices``.
     """
     patient = slices[["patient_id"]].merge(grades, on="patient_id", how="left", validate="many_to_one")
     if patient[list(ORGANS)].isna().any().any():
@@ -211,17 +216,23 @@ def slice_labels(
     labelled_series = set() if image_labels is None else set(image_labels["series_id"].astype(np.int64))
     has_image_labels = slices["series_id"].isin(labelled_series).to_numpy()
     keys = pd.MultiIndex.from_arrays([slices["series_id"], slices["instance"]])
+    from_rows: dict[str, np.ndarray] = {}
     for organ in ORGANS:
         patient_grade = patient[organ].to_numpy().astype(np.int64)
         label = patient_grade.copy()
+        annotated = np.zeros(len(slices), bool)
         if image_labels is not None and has_image_labels.any():
             rows = image_labels[image_labels["organ"] == organ]
             on_list = keys.isin(pd.MultiIndex.from_arrays([rows["series_id"], rows["instance_number"]]))
             if organ in BINARY_ORGANS:
+                annotated = has_image_labels
                 label = np.where(has_image_labels, on_list.astype(np.int64), patient_grade)
             else:  # only series annotated for this organ; RSNA's bowel/extravasation rows say nothing of it
                 annotated = slices["series_id"].isin(set(rows["series_id"].astype(np.int64))).to_numpy()
                 label = np.where(annotated, np.where(on_list, np.maximum(patient_grade, 1), 0), patient_grade)
         out[organ] = label
         out[f"{organ}_patient"] = patient_grade
+        from_rows[organ] = annotated.astype(np.int64)
+    for organ in ORGANS:
+        out[image_level_column(organ)] = from_rows[organ]
     return out

@@ -58,7 +58,15 @@ from toolkit.data.labels import (
 from toolkit.data.split import split_hash, split_patients
 from toolkit.errors import ToolkitError
 from toolkit.reporting import Reporter, as_reporter
-from toolkit.sliceset import FIELD_COLUMNS, IMAGES_FILE, MANIFEST_FILE, META_FILE, SliceSet, organ_columns
+from toolkit.sliceset import (
+    FIELD_COLUMNS,
+    IMAGES_FILE,
+    MANIFEST_FILE,
+    META_FILE,
+    SliceSet,
+    image_level_columns,
+    organ_columns,
+)
 
 IMAGES_DIR = "train_images"
 PARTIAL_DIR = ".partial"
@@ -569,7 +577,7 @@ def _assemble(
     table["source"] = "real"
     table = table.merge(inputs.meta, on=["patient_id", "series_id"], how="left")
     columns = ["patient_id", "series_id", "instance", "z", *organ_columns(), "split", "fold", "source"]
-    table = table[columns + ["aortic_hu", "incomplete_organ", *FIELD_COLUMNS, "mask_source"]]
+    table = table[columns + ["aortic_hu", "incomplete_organ", *FIELD_COLUMNS, "mask_source", *image_level_columns()]]
     split.to_csv(out / SPLIT_FILE, index=False)
 
     meta = {
