@@ -37,7 +37,10 @@ ORGAN = "liver"
 
 
 def study_config(**study: object) -> Config:
-    """A study small enough for a test: one organ, 2 folds, 1 epoch of 32 samples, a 4-step GAN."""
+    """A study small enough for a test: one organ, 2 folds, 1 epoch of 32 samples, a 4-step GAN.
+
+    The toy store has no organ crops, so the classifiers and the generator read whole slices.
+    """
     design = {"name": "toy", "organs": [ORGAN], "ratios": [0, 0.5], "fractions": [0.5, 1.0], "backends": ["gan"],
               "repeats": 2, "primary": {"ratios": [0.5], "fraction": 1.0}}
     design.update(study)
@@ -45,8 +48,8 @@ def study_config(**study: object) -> Config:
         "data": {"windows": [[40, 400]]},
         "train": {"model": "mobilenetv2_050", "pretrained": False, "image_size": 32, "folds": 2, "epochs": 1,
                   "epoch_size": 32, "batch_size": 16, "trainable_blocks": -1, "num_workers": 0,
-                  "synthetic_resize": True},
-        "gen": {"model": "gan", "image_size": 16, "train_steps": 4, "batch_size": 8, "checkpoint_every": 2, "n": 24,
+                  "synthetic_resize": True, "input": "slices"},
+        "gen": {"model": "gan", "input": "slices", "image_size": 16, "train_steps": 4, "batch_size": 8, "checkpoint_every": 2, "n": 24,
                 "audit_feature_epochs": 1, "gan": {"ngf": 8, "ndf": 8, "z_dim": 8}},
         "eval": {"bootstrap": 200},
         "study": design,

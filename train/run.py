@@ -412,6 +412,8 @@ def train_run(
     table = store.table
     # Stored slices resized once per image size (train + test rows of the memory-mapped store).
     allowed = None if train_patients is None else np.fromiter(train_patients, np.int64)
+    # The patients each organ's tables cover: the test set and the training patients the run may use.
+    scored = table if allowed is None else table[(table["split"] == "test") | table["patient_id"].isin(allowed)]
     resized: dict[int, np.ndarray] = {}
     position = series_position(table["series_id"].to_numpy(), table["z"].to_numpy())
 
@@ -467,7 +469,7 @@ def train_run(
                 train_fold(accelerator, ocfg, data, fold, ORGANS.index(organ), progress, hooks)
             if main and all(folder.fold(organ, k).done for k in range(n_folds)):
                 write_organ_outputs(folder, organ, data_o.table, n_folds, otc.aggregate, otc.top_k,
-                                    patients=table, reporter=reporter)
+                                    patients=scored, reporter=reporter)
                 plot_learning_curve(folder, organ, n_folds)
             accelerator.wait_for_everyone()
 
