@@ -49,8 +49,8 @@ def study_config(**study: object) -> Config:
         "train": {"model": "mobilenetv2_050", "pretrained": False, "image_size": 32, "folds": 2, "epochs": 1,
                   "epoch_size": 32, "batch_size": 16, "trainable_blocks": -1, "num_workers": 0,
                   "synthetic_resize": True, "input": "slices"},
-        "gen": {"model": "gan", "input": "slices", "image_size": 16, "train_steps": 4, "batch_size": 8, "checkpoint_every": 2, "n": 24,
-                "audit_feature_epochs": 1, "gan": {"ngf": 8, "ndf": 8, "z_dim": 8}},
+        "gen": {"model": "gan", "input": "slices", "image_size": 16, "train_steps": 4, "batch_size": 8,
+                "checkpoint_every": 2, "n": 24, "audit_feature_epochs": 1, "gan": {"ngf": 8, "ndf": 8, "z_dim": 8}},
         "eval": {"bootstrap": 200},
         "study": design,
     })
