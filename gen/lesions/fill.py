@@ -61,11 +61,12 @@ def organ_statistics(crop_hu: np.ndarray, organ_mask: np.ndarray, exclude: np.nd
     """Mean, noise and noise correlation of the organ's HU in ``crop_hu`` (H, W).
 
     The organ's outermost pixel ring is left out (partial volume with its neighbours), as are
-    ``exclude`` pixels (a lesion); a tiny organ falls back to all its pixels.
+    ``exclude`` pixels (a lesion) unless they leave fewer than 16; a tiny organ falls back to all
+    its pixels.
     """
     crop = np.asarray(crop_hu, dtype=np.float64)
     organ = np.asarray(organ_mask, dtype=bool)
-    if exclude is not None:
+    if exclude is not None and (organ & ~np.asarray(exclude, dtype=bool)).sum() >= 16:
         organ = organ & ~np.asarray(exclude, dtype=bool)
     inner = ndimage.binary_erosion(organ, border_value=1)
     use = inner if inner.sum() >= 16 else organ

@@ -183,3 +183,36 @@ class LesionSamples:
 
     def __len__(self) -> int:
         return len(self.plan)
+
+
+def training_plan(
+    organ: str,
+    labels: np.ndarray,
+    organ_masks: np.ndarray,
+    class_names: Sequence[str],
+    rng: np.random.Generator,
+    spacing: float | np.ndarray = 1.0,
+    cfg: LesionGenConfig | None = None,
+) -> LesionPlan:
+    """The lesion GAN's training triples: ``cfg.gan_masks_per_source`` lesions per eligible healthy crop.
+
+    Each gets a class drawn uniformly among the injured classes (1..n_classes-1) and a mask from
+    the shape priors of that class's grades, as at sampling time (:func:`plan_lesions`).
+
+    Parameters
+    ----------
+    organ : str
+    labels : ndarray of shape (N,), int
+        Class of each training crop (sources are the healthy ones, :func:`eligible_sources`).
+    organ_masks : ndarray of shape (N, H, W), bool
+    class_names : sequence of str
+    rng : np.random.Generator
+    spacing : float or ndarray of shape (N,), default=1.0
+    cfg : LesionGenConfig, optional
+    """
+    cfg = cfg or LesionGenConfig()
+    sources = np.repeat(eligible_sources(labels, organ_masks), cfg.gan_masks_per_source)
+    if len(sources) == 0:
+        raise DataError(f"no healthy {organ} crops with >= {MIN_ORGAN_PX} organ pixels to train the lesion GAN on")
+    classes = rng.integers(1, len(class_names), len(sources))
+    return plan_lesions(organ, organ_masks, sources, classes, class_names, rng, spacing=spacing, cfg=cfg)

@@ -185,7 +185,9 @@ def _capsule_band(
 def _convex_polygon(geo: OrganGeometry, center: np.ndarray, diameter_mm: float, rng: np.random.Generator) -> np.ndarray:
     """A random convex polygon of 3-5 vertices (an angular collection) around ``center``."""
     n_vertices = int(rng.integers(3, 6))
-    angles = np.sort(rng.uniform(0, 2 * math.pi, n_vertices))
+    # Vertices spread around the centre (evenly, jittered) so the polygon contains it.
+    step = 2 * math.pi / n_vertices
+    angles = rng.uniform(0, 2 * math.pi) + step * np.arange(n_vertices) + rng.uniform(-0.25, 0.25, n_vertices) * step
     radii = diameter_mm / 2.0 * rng.uniform(0.6, 1.0, n_vertices)
     vy = center[0] + radii * np.sin(angles) / geo.spacing[0]
     vx = center[1] + radii * np.cos(angles) / geo.spacing[1]
@@ -265,9 +267,9 @@ class RandLesionMask:
             return np.zeros_like(organ)
         geo = OrganGeometry(organ, spacing)
         mask = self.draw(geo, rng) & organ
-        if not mask.any():  # smaller than a pixel where it fell: its deepest pixel stands in
+        if not mask.any():  # smaller than a pixel where it fell: the organ's deepest pixel stands in
             mask = np.zeros_like(organ)
-            r, c = np.unravel_index(np.argmax(geo.depth), geo.shape)
+            r, c = np.unravel_index(np.argmax(np.where(organ, geo.depth + 1.0, 0.0)), geo.shape)
             mask[r, c] = True
         return mask
 
