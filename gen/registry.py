@@ -104,9 +104,8 @@ def create_generator(
     _check_mode(mode)
     _import_builtin()
     if (mode, name) not in _GENERATORS:
-        raise ToolkitError(
-            f"unknown {mode} generator '{name}'; valid generators: {', '.join(list_generators(mode))}"
-        )
+        kind = "generator" if mode == "image" else f"{mode} generator"
+        raise ToolkitError(f"unknown {kind} '{name}'; valid generators: {', '.join(list_generators(mode))}")
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if overrides:
         section = getattr(cfg, name, None)
