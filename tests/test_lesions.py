@@ -13,7 +13,13 @@ import pytest
 import torch
 
 from gen.base import TRAINING_STATE_NAME
-from gen.lesions.audit import measure_lesions, organ_tail_contrast, quality_filter, realism_auc
+from gen.lesions.audit import (
+    contrast_range,
+    measure_lesions,
+    organ_tail_contrast,
+    quality_filter,
+    realism_auc,
+)
 from gen.lesions.backend import inpaint_hu
 from gen.lesions.fill import RandFillLesion, fill_lesions, organ_statistics
 from gen.lesions.pairs import LesionSamples, choose_sources, eligible_sources, plan_lesions, training_plan
@@ -191,6 +197,24 @@ def test_fill_changes_only_the_lesion_with_the_configured_contrast_and_the_organ
     assert 7.0 < inside.std() < 13.0
     stats = organ_statistics(hu[healthy[0]], masks[healthy[0]])
     assert abs(stats.mean - 100) < 5 and 7 < stats.std < 13 and stats.correlation_px < 0.5
+
+
+def test_fill_can_take_the_contrast_measured_on_real_injuries(crops):
+    """The toy's real lesions are 60 HU darker than their organ; a fill told so matches them, not the config."""
+    hu, masks, labels, _ = crops
+    injured = np.flatnonzero(labels == 1)
+    # organ_crops drew them at ~40 HU in a ~100 HU organ (noise 10 HU): the organ's pixels below 70 HU.
+    real_lesions = masks[injured] & (hu[injured] < 70)
+    measured = contrast_range(measure_lesions(hu[injured], masks[injured], real_lesions)["delta_hu"])
+    assert -75 < measured[0] < measured[1] < -45
+    rows = np.flatnonzero(labels == 0)
+    lesions = create_lesion_mask("parenchymal_hematoma", 2)(masks[rows], np.random.default_rng(0), spacing=3.0)
+    cfg = dataclasses.replace(LesionGenConfig(), delta_hu={**LesionGenConfig().delta_hu,
+                                                           "parenchymal_hematoma": [-20.0, -10.0]}, edge_mm=0.0)
+    out = fill_lesions(hu[rows], masks[rows], lesions, ["parenchymal_hematoma"] * len(rows), np.random.default_rng(1),
+                       spacing=3.0, cfg=cfg, measured_delta_hu={"parenchymal_hematoma": measured})
+    delta = measure_lesions(out, masks[rows], lesions)["delta_hu"].to_numpy()
+    assert np.nanmedian(delta) < -45  # the measured contrast, not the configured -20..-10
 
 
 def test_feathered_rim_stays_inside_and_fill_lesions_is_seeded(crops):

@@ -69,6 +69,18 @@ def measure_lesions(images_hu: np.ndarray, organ_masks: np.ndarray, lesion_masks
     return pd.DataFrame(rows)
 
 
+def contrast_range(delta_hu: np.ndarray, quantiles: tuple[float, float] = (10.0, 90.0)) -> tuple[float, float]:
+    """The ``(low, high)`` percentiles of measured ``delta_hu`` (NaN ignored): the contrast of real injuries
+    as :func:`gen.lesions.fill.fill_lesions` (``measured_delta_hu``) and :func:`quality_filter` (``delta_hu``)
+    take it, e.g. ``{kind: contrast_range(measure_lesions(real_hu, organs, lesions)["delta_hu"])}``."""
+    values = np.asarray(delta_hu, dtype=np.float64)
+    values = values[np.isfinite(values)]
+    if len(values) == 0:
+        raise DataError("no measured lesion contrast to take a range from (every lesion or organ was empty)")
+    low, high = np.percentile(values, quantiles)
+    return float(low), float(high)
+
+
 def organ_tail_contrast(images_hu: np.ndarray, organ_masks: np.ndarray, q: float = 0.05) -> np.ndarray:
     """``quantile_q(organ HU) - median(organ HU)`` per crop: a lesion contrast that needs no lesion mask.
 
