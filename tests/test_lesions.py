@@ -22,6 +22,7 @@ from gen.lesions.audit import (
 )
 from gen.lesions.backend import inpaint_hu
 from gen.lesions.fill import RandFillLesion, fill_lesions, organ_statistics
+from gen.lesions.grid import save_lesion_grid
 from gen.lesions.pairs import LesionSamples, choose_sources, eligible_sources, plan_lesions, training_plan
 from gen.lesions.shapes import LESION_SHAPES, RandSubcapsularHematomaMask, create_lesion_mask
 from gen.registry import create_generator, list_generators, load_generator
@@ -358,6 +359,9 @@ def test_pairs_link_every_synthetic_crop_to_the_healthy_crop_it_was_drawn_into(c
     assert (np.asarray(read.slices.images)[masks_read] != source[masks_read]).mean() > 0.5
     np.testing.assert_array_equal(read.source_patients, patients[rows])
     assert set(read.slices.table["lesion_kind"]) <= set(LesionGenConfig().injuries["spleen"])
+    png = save_lesion_grid(tmp_path / "grid.png", windowed(source), masks_read, windowed(images), "spleen",
+                           captions=[f"{k} {g}" for k, g in zip(plan.kinds, plan.grades, strict=True)])
+    assert png.stat().st_size > 1000
 
 
 def test_a_lesion_set_needs_its_pairs_and_an_image_set_takes_none(tmp_path):
