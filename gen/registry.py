@@ -2,6 +2,11 @@
 
 Each backend module decorates its class with ``@register_generator("name")``;
 :func:`create_generator` looks the name up and builds an unfitted generator.
+
+A backend is registered per *mode*: ``image`` (the default) draws whole slices with
+``sample``; ``lesion`` draws injuries into real healthy crops with ``inpaint`` (``gen/lesions/``).
+The same name (``gan``, ``diffusion``) and config section serve both modes, so
+``create_generator(cfg.gen.model, cfg.gen, mode=mode)`` picks the class.
 """
 
 from __future__ import annotations
@@ -17,40 +22,54 @@ if TYPE_CHECKING:
     from gen.base import BaseGenerator
     from toolkit.config import GenConfig
 
-_GENERATORS: dict[str, type[BaseGenerator]] = {}
+MODES = ("image", "lesion")
+
+_GENERATORS: dict[tuple[str, str], type[BaseGenerator]] = {}
 
 T = TypeVar("T")
 
 
-def register_generator(name: str) -> Callable[[T], T]:
-    """Class decorator adding a generator backend under ``name``."""
+def register_generator(name: str, mode: str = "image") -> Callable[[T], T]:
+    """Class decorator adding a generator backend under ``name`` for ``mode`` (image or lesion)."""
+    if mode not in MODES:
+        raise ValueError(f"unknown generator mode '{mode}'; valid modes: {', '.join(MODES)}")
 
     def decorator(cls: T) -> T:
-        if name in _GENERATORS and _GENERATORS[name] is not cls:
-            raise ValueError(f"generator '{name}' is already registered by {_GENERATORS[name].__name__}")
-        _GENERATORS[name] = cls  # type: ignore[assignment]
+        key = (mode, name)
+        if key in _GENERATORS and _GENERATORS[key] is not cls:
+            raise ValueError(f"{mode} generator '{name}' is already registered by {_GENERATORS[key].__name__}")
+        _GENERATORS[key] = cls  # type: ignore[assignment]
         cls.generator_name = name  # type: ignore[attr-defined]
+        cls.mode = mode  # type: ignore[attr-defined]
         return cls
 
     return decorator
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise ToolkitError(f"unknown generator mode '{mode}'; valid modes: {', '.join(MODES)}")
 
 
 def _import_builtin() -> None:
     # Importing the backend modules runs their @register_generator decorators.
     import gen.diffusion  # noqa: F401
     import gen.gan  # noqa: F401
+    import gen.lesions.gan_inpaint  # noqa: F401
+    import gen.lesions.inpaint  # noqa: F401
 
 
-def list_generators() -> list[str]:
-    """Names accepted by :func:`create_generator`, sorted."""
+def list_generators(mode: str = "image") -> list[str]:
+    """Names accepted by :func:`create_generator` for ``mode``, sorted."""
+    _check_mode(mode)
     _import_builtin()
-    return sorted(_GENERATORS)
+    return sorted(name for m, name in _GENERATORS if m == mode)
 
 
-def is_generator(name: str) -> bool:
-    """Whether ``name`` is a registered generator backend."""
+def is_generator(name: str, mode: str = "image") -> bool:
+    """Whether ``name`` is a registered generator backend of ``mode``."""
     _import_builtin()
-    return name in _GENERATORS
+    return (mode, name) in _GENERATORS
 
 
 def create_generator(
@@ -59,6 +78,7 @@ def create_generator(
     n_classes: int = 2,
     class_names: list[str] | None = None,
     seed: int = 0,
+    mode: str = "image",
     **overrides: Any,
 ) -> BaseGenerator:
     """Build an unfitted generator.
@@ -76,12 +96,16 @@ def create_generator(
         One name per class, used in figures and the audit.
     seed : int, default=0
         Seed of the weight initialisation and of every training step.
+    mode : {"image", "lesion"}, default="image"
+        Whole slices (``sample``) or lesions drawn into real crops (``inpaint``, ``gen/lesions/``).
     """
     import dataclasses
 
+    _check_mode(mode)
     _import_builtin()
-    if name not in _GENERATORS:
-        raise ToolkitError(f"unknown generator '{name}'; valid generators: {', '.join(sorted(_GENERATORS))}")
+    if (mode, name) not in _GENERATORS:
+        kind = "generator" if mode == "image" else f"{mode} generator"
+        raise ToolkitError(f"unknown {kind} '{name}'; valid generators: {', '.join(list_generators(mode))}")
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if overrides:
         section = getattr(cfg, name, None)
@@ -95,7 +119,7 @@ def create_generator(
         if set(overrides) - shared:
             changes[name] = dataclasses.replace(section, **{k: v for k, v in overrides.items() if k not in shared})
         cfg = dataclasses.replace(cfg, **changes)
-    return _GENERATORS[name](cfg, n_classes=n_classes, class_names=class_names, seed=seed)
+    return _GENERATORS[(mode, name)](cfg, n_classes=n_classes, class_names=class_names, seed=seed)
 
 
 def load_generator(directory: str | Path) -> BaseGenerator:
@@ -104,10 +128,11 @@ def load_generator(directory: str | Path) -> BaseGenerator:
     config_file = directory / "config.json"
     if not config_file.exists():
         raise ToolkitError(f"no generator at {directory} (missing config.json); run `toolkit gen` first")
-    name = json.loads(config_file.read_text()).get("generator")
+    config = json.loads(config_file.read_text())
+    # Written before modes existed (or by an image backend): image.
+    name, mode = config.get("generator"), config.get("mode", "image")
     _import_builtin()
-    if name not in _GENERATORS:
-        raise ToolkitError(
-            f"{config_file} names generator '{name}'; valid generators: {', '.join(sorted(_GENERATORS))}"
-        )
-    return _GENERATORS[name].from_pretrained(directory)
+    if (mode, name) not in _GENERATORS:
+        valid = ", ".join(f"{n} ({m})" for m, n in sorted(_GENERATORS))
+        raise ToolkitError(f"{config_file} names {mode} generator '{name}'; valid generators: {valid}")
+    return _GENERATORS[(mode, name)].from_pretrained(directory)

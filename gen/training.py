@@ -13,7 +13,9 @@ A backend (a :class:`gen.base.BaseGenerator` subclass) supplies what differs::
     sampling_model(parts, accelerator) -> the network ``sample`` uses (EMA weights where kept)
 
 The loop owns the rest: accelerate set-up, seeding, resume, the class-balanced batch and
-the per-step randomness, EMA updates, history, timing and checkpoint cadence.
+the per-step randomness, EMA updates, history, timing and checkpoint cadence. A backend
+that needs more than the batch in a step (the lesion GAN: healthy crops and lesion masks to
+inpaint) passes ``step_inputs``, drawn right after the batch from the same step generator.
 
 Reproducibility: everything random in step ``k`` (the batch, then the backend's noise,
 timesteps, latents, label dropout) comes from one ``torch.Generator`` seeded by
@@ -23,6 +25,7 @@ as the uninterrupted run would (on CPU), without saving RNG states.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -66,6 +69,7 @@ def fit_generator(
     checkpoint_dir: str | Path | None = None,
     resume: bool = False,
     callback: StepCallback | None = None,
+    step_inputs: Callable[[torch.Generator], dict[str, torch.Tensor]] | None = None,
 ) -> BaseGenerator:
     """Train ``backend`` for ``cfg.train_steps`` steps (continuing from ``checkpoint_dir`` when ``resume``).
 
@@ -83,6 +87,9 @@ def fit_generator(
         Continue from the checkpoint in ``checkpoint_dir`` if there is one.
     callback : callable, optional
         ``callback(step, {"step", *backend.log_columns, "img_per_s"})`` after each step.
+    step_inputs : callable, optional
+        ``step_inputs(generator) -> {name: tensor}``: more inputs of a step, drawn from the step's
+        generator after the batch; passed to ``training_step`` as keyword arguments (on the device).
 
     Returns
     -------
@@ -125,8 +132,10 @@ def fit_generator(
         g = step_generator(backend.seed, step, accelerator.process_index)
         idx, y = draw_balanced_batch(class_index, cfg.batch_size, backend.n_classes, g)
         batch = to_model_range(images[idx]).to(accelerator.device)
+        extra = {k: v.to(accelerator.device) for k, v in step_inputs(g).items()} if step_inputs else {}
         # The backend draws its own noise from ``g`` after the batch, so the order of draws is fixed.
-        step_logs = backend.training_step(parts, batch, torch.from_numpy(y).to(accelerator.device), g, accelerator)
+        labels_t = torch.from_numpy(y).to(accelerator.device)
+        step_logs = backend.training_step(parts, batch, labels_t, g, accelerator, **extra)
         if parts.ema is not None:
             parts.ema.step(parts.modules[parts.sample_from].parameters())
 

@@ -42,7 +42,9 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 USER_CONFIG_DIR = Path("configs")
 """A ``configs/`` folder in the working directory: its ``<name>.yaml`` wins over a shipped one."""
 
-_RULES = ("ge", "gt", "le", "lt", "multiple_of", "choices", "keys", "min_len", "check", "organ_overrides")
+_RULES = (
+    "ge", "gt", "le", "lt", "multiple_of", "choices", "keys", "min_len", "check", "check_list", "organ_overrides",
+)
 
 
 def setting(default: Any = MISSING, *, factory: Callable[[], Any] | Any = MISSING, **rules: Any) -> Any:
@@ -58,7 +60,8 @@ def setting(default: Any = MISSING, *, factory: Callable[[], Any] | Any = MISSIN
         ``ge``, ``gt``, ``le``, ``lt``, ``multiple_of``: numeric bounds. ``choices``: allowed values.
         For a list they apply to each item, for a dict to each value. ``keys``: the only keys a
         dict may have. ``min_len``: fewest list items. ``check``: ``value -> str | None``, the
-        expectation a value misses (for a rule no keyword says). ``organ_overrides``: the value maps
+        expectation a value misses (for a rule no keyword says); ``check_list``: the same for a whole
+        list (a ``[low, high]`` pair), after its items passed the other rules. ``organ_overrides``: the value maps
         organs to partial train sections (``train.organs``).
     """
     unknown = sorted(set(rules) - set(_RULES))
@@ -161,6 +164,148 @@ class GANGenConfig:
     ema_decay: float = setting(0.999, ge=0.0, lt=1.0)
 
 
+LESION_KINDS = (
+    "laceration", "subcapsular_hematoma", "parenchymal_hematoma", "infarct", "extravasation",
+    "bowel_wall", "bowel_fluid", "bowel_gas",
+)
+"""Injury shapes ``gen --mode lesion`` draws (``gen/lesions/shapes.py``); a test keeps them equal to its registry."""
+
+
+def _kinds_expectation(kinds: list[str]) -> str | None:
+    unknown = [k for k in kinds if k not in LESION_KINDS]
+    if unknown or not kinds:
+        return f"a non-empty list of lesion kinds among {', '.join(LESION_KINDS)}"
+    return None
+
+
+def _range_expectation(pair: list[float]) -> str | None:
+    if len(pair) != 2 or pair[0] > pair[1]:
+        return "a [low, high] pair with low <= high"
+    return None
+
+
+def _positive_range_expectation(pair: list[float]) -> str | None:
+    if len(pair) != 2 or not 0 < pair[0] <= pair[1]:
+        return "a [low, high] pair with 0 < low <= high"
+    return None
+
+
+def _graded_expectation(pairs: list[list[float]]) -> str | None:
+    if len(pairs) != 3:
+        return "three [low, high] pairs, for grades 1, 2 and 3"
+    return None
+
+
+@dataclass
+class LesionGenConfig:
+    """``gen.lesion``: injuries drawn into real healthy organ crops (``gen/lesions/``).
+
+    Sizes are physical (mm, converted with each crop's pixel spacing); the three pairs of a graded
+    size are grades 1, 2, 3 of the AAST organ injury scale, 2018 revision (Kozar et al., J Trauma Acute
+    Care Surg 2018;85:1119-22), which RSNA 2023's low (grades 1-2) and high (3+) classes follow.
+    Contrasts are HU: ``delta_hu`` relative to the organ's mean in the healthy crop (a hypodense injury
+    is "darker than this organ", whatever the phase and scanner made the organ), ``absolute_hu`` for
+    what has its own attenuation (contrast blush, fluid, gas).
+    """
+
+    # Kinds drawn per organ (uniformly); the organ mask they are drawn into is the organ's (bowel: the
+    # bowel region, within which fluid and gas also stay).
+    injuries: dict[str, list[str]] = setting(
+        factory=lambda: {
+            "liver": ["laceration", "subcapsular_hematoma", "parenchymal_hematoma", "infarct"],
+            "spleen": ["laceration", "subcapsular_hematoma", "parenchymal_hematoma", "infarct"],
+            "kidney": ["laceration", "subcapsular_hematoma", "parenchymal_hematoma", "infarct"],
+            "bowel": ["bowel_wall", "bowel_fluid", "bowel_gas"],
+            "extravasation": ["extravasation"],
+        },
+        keys=ORGANS,
+        check=_kinds_expectation,
+    )
+    # Laceration depth from the capsule. AAST 2018 liver and spleen: I < 1 cm, II 1-3 cm, III > 3 cm
+    # (kidney: II <= 1 cm, III > 1 cm; its grades shift by one).
+    laceration_depth_mm: list[list[float]] = setting(
+        factory=lambda: [[3.0, 10.0], [10.0, 30.0], [30.0, 60.0]],
+        check=_positive_range_expectation,
+        check_list=_graded_expectation,
+    )
+    # Cleft width: lacerations are thin (a few mm) linear or branching hypodensities.
+    laceration_width_mm: list[float] = setting(factory=lambda: [1.5, 5.0], gt=0.0, check_list=_range_expectation)
+    # Share of the capsule a subcapsular hematoma covers (of the organ outline in the slice).
+    # AAST 2018 liver and spleen: I < 10 %, II 10-50 %, III > 50 % of the surface area.
+    subcapsular_fraction: list[list[float]] = setting(
+        factory=lambda: [[0.03, 0.10], [0.10, 0.50], [0.50, 0.80]],
+        check=_positive_range_expectation,
+        check_list=_graded_expectation,
+    )
+    # Greatest thickness of the crescent (no AAST threshold; the scale grades the area).
+    subcapsular_thickness_mm: list[float] = setting(factory=lambda: [3.0, 15.0], gt=0.0, check_list=_range_expectation)
+    # Diameter of an intraparenchymal hematoma. AAST 2018 spleen: II < 5 cm, III >= 5 cm (liver: < 10 cm /
+    # > 10 cm); the scale has no grade I parenchymal hematoma, a contusion stands in for it. The organ
+    # outline clips the largest.
+    parenchymal_diameter_mm: list[list[float]] = setting(
+        factory=lambda: [[5.0, 20.0], [20.0, 50.0], [50.0, 100.0]],
+        check=_positive_range_expectation,
+        check_list=_graded_expectation,
+    )
+    # Infarct: a wedge with its base on the capsule (segmental devascularisation); depth and opening angle.
+    infarct_depth_mm: list[float] = setting(factory=lambda: [10.0, 40.0], gt=0.0, check_list=_range_expectation)
+    infarct_angle_deg: list[float] = setting(
+        factory=lambda: [30.0, 75.0], gt=0.0, lt=180.0, check_list=_range_expectation
+    )
+    # Active extravasation: a small irregular blush (a few mm to ~1.5 cm on a slice).
+    extravasation_diameter_mm: list[float] = setting(factory=lambda: [3.0, 15.0], gt=0.0, check_list=_range_expectation)
+    # Bowel wall thickening: a wall above 3 mm is thickened (Brofman et al., RadioGraphics 2006;26:1119-31),
+    # over part of the loop's outline.
+    bowel_wall_thickness_mm: list[float] = setting(factory=lambda: [3.0, 10.0], gt=0.0, check_list=_range_expectation)
+    bowel_wall_fraction: list[float] = setting(
+        factory=lambda: [0.15, 0.5], gt=0.0, le=1.0, check_list=_range_expectation
+    )
+    # Fluid between loops (triangular, polygonal collections) and extraluminal gas bubbles.
+    bowel_fluid_diameter_mm: list[float] = setting(factory=lambda: [5.0, 30.0], gt=0.0, check_list=_range_expectation)
+    bowel_gas_diameter_mm: list[float] = setting(factory=lambda: [1.0, 5.0], gt=0.0, check_list=_range_expectation)
+    bowel_gas_bubbles: list[int] = setting(factory=lambda: [1, 6], ge=1, check_list=_range_expectation)
+    # HU relative to the organ's mean. Clotted blood measures 40-70 HU (mean 51; Shanmuganathan, Mirvis &
+    # Sover, AJR 1993;161:65-9) against ~100-150 HU of enhancing parenchyma in the portal venous phase, so
+    # a hematoma or laceration is some 30-90 HU darker; an infarct does not enhance at all (unenhanced
+    # parenchyma ~40-60 HU).
+    delta_hu: dict[str, list[float]] = setting(
+        factory=lambda: {
+            "laceration": [-80.0, -30.0],
+            "subcapsular_hematoma": [-80.0, -30.0],
+            "parenchymal_hematoma": [-80.0, -30.0],
+            "infarct": [-100.0, -50.0],
+        },
+        keys=LESION_KINDS,
+        check=_range_expectation,
+    )
+    # Absolute HU; a kind listed here uses it, else its delta_hu. Active extravasation 85-370 HU (mean 132;
+    # Shanmuganathan et al. 1993), below the aorta of the same phase (means 155 vs 199 HU; Willmann et al.,
+    # AJR 2002;179:437-44); bowel wall: intramural blood to enhancing wall, 40-90 HU; fluid between loops
+    # 0-45 HU (simple fluid to unclotted blood, 30-45 HU); extraluminal gas -1000 HU, raised by partial
+    # volume in small bubbles.
+    absolute_hu: dict[str, list[float]] = setting(
+        factory=lambda: {
+            "extravasation": [85.0, 370.0],
+            "bowel_wall": [40.0, 90.0],
+            "bowel_fluid": [0.0, 45.0],
+            "bowel_gas": [-1000.0, -600.0],
+        },
+        keys=LESION_KINDS,
+        check=_range_expectation,
+    )
+    # Procedural fill: width of the feathered rim inside the lesion (outside it the crop is unchanged).
+    edge_mm: float = setting(1.0, ge=0.0)
+    # Diffusion inpainting (RePaint, Lugmayr et al. CVPR 2022): denoising steps, jump length j and the
+    # resampling count r (each j-step stretch is re-noised and denoised r times; the paper: 250, 10, 10).
+    repaint_steps: int = setting(50, ge=1)
+    repaint_jump_length: int = setting(10, ge=1)
+    repaint_resample: int = setting(5, ge=1)
+    # GAN inpainting: lesion masks drawn in advance per healthy training crop, and the weight of the L1
+    # loss that makes a "healthy" fill give the source back.
+    gan_masks_per_source: int = setting(4, ge=1)
+    gan_recon_weight: float = setting(10.0, ge=0.0)
+
+
 @dataclass
 class GenConfig:
     """``toolkit gen``: per-organ class-conditional generators.
@@ -184,6 +329,7 @@ class GenConfig:
     checkpoint_every: int = setting(1000, ge=1)
     diffusion: DiffusionGenConfig = setting(factory=DiffusionGenConfig)
     gan: GANGenConfig = setting(factory=GANGenConfig)
+    lesion: LesionGenConfig = setting(factory=LesionGenConfig)  # --mode lesion: shapes, contrasts, inpainting
     # outputs and audit
     n: int = setting(2000, ge=1)  # synthetic slices written, split evenly over classes
     near_copy_threshold: float = setting(0.95, ge=0.0, le=1.0)  # cosine similarity to the nearest training slice
@@ -524,6 +670,9 @@ def _check_field(f: dataclasses.Field, kind: Any, value: Any, key: str) -> Any:
             raise ConfigError(f"{key} must list at least {rules['min_len']} item(s), got {value!r}")
         for i, item in enumerate(value):
             _check_rules(item, args[0], f"{key}[{i}]", rules, item_of=key)
+        missed = rules["check_list"](value) if "check_list" in rules else None
+        if missed:
+            raise ConfigError(f"{key} must be {missed}, got {value!r}")
         return value
     if origin is dict:
         value = _coerce(value, kind, key, _describe(kind, {}))

@@ -11,6 +11,12 @@ slice set folder (:class:`toolkit.sliceset.SliceSet`)::
                                     split and source "synthetic", fold -1, generator_id, near_copy, nn_similarity
     synthetic/<organ>/meta.json     the fields of :class:`SyntheticSet` below (+ free provenance)
 
+Mode ``lesion`` (an injury drawn into a real healthy crop) adds the counterfactual pair of each crop::
+
+    synthetic/<organ>/lesion_masks.npy  bool, shape (n, S, S): where the lesion was drawn
+    manifest.csv columns                source_row (row of the healthy source crop in the organ-crop set),
+                                        source_patient (its patient id), lesion_kind, lesion_grade
+
 Folders written before this record existed lack the fields and are refused with a request
 to re-run ``toolkit gen``.
 """
@@ -29,8 +35,12 @@ from toolkit.sliceset import MANIFEST_FILE, META_FILE, SliceSet
 
 ARTIFACT = "synthetic"
 FORMAT_VERSION = 1
-MODES = ("image",)
-"""What a synthetic slice is: ``image``, a whole generated slice (``lesion`` is to come)."""
+MODES = ("image", "lesion")
+"""What a synthetic slice is: ``image``, a whole generated slice; ``lesion``, a real healthy crop with a
+lesion drawn into it (paired with its source)."""
+LESION_MASKS_FILE = "lesion_masks.npy"
+PAIR_COLUMNS = ("source_row", "source_patient", "lesion_kind", "lesion_grade")
+"""Manifest columns of a ``lesion`` set: the counterfactual pair of each crop."""
 
 # meta.json keys this module owns; everything else in meta.json is provenance.
 _FIELDS = (
@@ -65,8 +75,8 @@ class SyntheticSet:
     slices : SliceSet
         ``images`` of shape (n, image_size, image_size), int16 HU; the manifest described above.
     organ : str
-    mode : {"image"}
-        Whole generated slices.
+    mode : {"image", "lesion"}
+        Whole generated slices, or lesions drawn into real healthy crops.
     generator_id : str
         ``<organ>-<backend>-<hash8>`` of :func:`gen.run.generator_id`.
     backend : str
@@ -87,6 +97,8 @@ class SyntheticSet:
         Anything else worth keeping (seed, steps, audit summary, sampler...), stored in meta.json.
     path : Path, optional
         The folder it was read from or written to.
+    lesion_masks : ndarray of shape (n, image_size, image_size), bool, optional
+        Mode ``lesion`` only: where each crop's lesion is (outside it the crop equals its source).
     """
 
     slices: SliceSet
@@ -102,6 +114,7 @@ class SyntheticSet:
     train_patients_hash: str
     provenance: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
+    lesion_masks: np.ndarray | None = None
 
     # ------------------------------------------------------------------ writer
     @classmethod
@@ -122,6 +135,11 @@ class SyntheticSet:
         train_patients_hash: str,
         mode: str = "image",
         provenance: dict[str, Any] | None = None,
+        lesion_masks: np.ndarray | None = None,
+        source_rows: np.ndarray | None = None,
+        source_patients: np.ndarray | None = None,
+        lesion_kinds: np.ndarray | None = None,
+        lesion_grades: np.ndarray | None = None,
     ) -> SyntheticSet:
         """Build the set (manifest included) from generated slices.
 
@@ -135,12 +153,22 @@ class SyntheticSet:
             Flagged by the audit as a near copy of a training slice (train leaves these out).
         nn_similarity : ndarray of shape (n,), float
             Cosine similarity to the nearest training slice.
+        lesion_masks : ndarray of shape (n, S, S), bool
+            Mode ``lesion`` only (required there), as are the four below.
+        source_rows : ndarray of shape (n,), int
+            Row of each crop's healthy source in the organ-crop set.
+        source_patients : ndarray of shape (n,), int
+            Patient id of each source crop (a classifier's folds must follow it).
+        lesion_kinds : ndarray of shape (n,), str, optional
+        lesion_grades : ndarray of shape (n,), int, optional
         """
         if mode not in MODES:
             raise ContractError(f"unknown synthetic mode '{mode}'; valid modes: {', '.join(MODES)}")
         images = np.round(np.asarray(images_hu)).astype(np.int16)
         n = len(images)
         classes = np.asarray(classes).astype(np.int64)
+        pairs = _pair_columns(mode, images.shape, lesion_masks, source_rows, source_patients, lesion_kinds,
+                              lesion_grades)
         table = pd.DataFrame(
             {
                 "patient_id": -1,
@@ -155,6 +183,7 @@ class SyntheticSet:
                 "generator_id": generator_id,
                 "near_copy": np.asarray(near_copy).astype(bool),
                 "nn_similarity": np.round(np.asarray(nn_similarity, dtype=np.float64), 5),
+                **pairs,
             }
         )
         return cls(
@@ -170,6 +199,7 @@ class SyntheticSet:
             split_hash=str(split_hash),
             train_patients_hash=str(train_patients_hash),
             provenance=dict(provenance or {}),
+            lesion_masks=None if lesion_masks is None else np.asarray(lesion_masks, dtype=bool),
         )
 
     def meta(self) -> dict[str, Any]:
@@ -180,6 +210,16 @@ class SyntheticSet:
     def save(self, directory: str | Path, force: bool = False) -> Path:
         """Write the slice set folder (the manifest last: a folder without it is unfinished)."""
         directory = Path(directory)
+        masks_file = directory / LESION_MASKS_FILE
+        if (directory / MANIFEST_FILE).exists() and not force:
+            raise ContractError(f"{directory} already holds a slice set; pass --force to overwrite it")
+        if self.lesion_masks is not None:
+            directory.mkdir(parents=True, exist_ok=True)
+            tmp = directory / (LESION_MASKS_FILE + ".tmp.npy")
+            np.save(tmp, np.ascontiguousarray(self.lesion_masks, dtype=bool))
+            tmp.replace(masks_file)
+        elif masks_file.exists():
+            masks_file.unlink()  # an image-mode set written over a lesion-mode one (force)
         SliceSet(self.slices.images, self.slices.table, self.meta()).save(directory, force=force)
         self.path = directory
         return directory
@@ -199,16 +239,28 @@ class SyntheticSet:
                 f"(no {', '.join(missing or ['artifact'])}; written by an earlier toolkit): "
                 f"re-run `toolkit gen --organ {organ} --force`"
             )
-        for column in (meta["organ"], "near_copy"):
+        lesion = meta["mode"] == "lesion"
+        for column in (meta["organ"], "near_copy", *(PAIR_COLUMNS if lesion else ())):
             if column not in slices.table.columns:
                 raise DataError(
                     f"{directory / MANIFEST_FILE} lacks column '{column}'; re-run `toolkit gen --organ {meta['organ']} "
                     "--force`"
                 )
+        masks = None
+        if lesion:
+            masks_file = directory / LESION_MASKS_FILE
+            if not masks_file.exists():
+                raise DataError(f"{masks_file} is missing (a lesion set keeps its masks); re-run `toolkit gen "
+                                f"--organ {meta['organ']} --mode lesion --force`")
+            masks = np.load(masks_file, mmap_mode="r")
+            if masks.shape != tuple(np.shape(slices.images)):
+                raise DataError(f"{masks_file} has shape {masks.shape} but the images have {np.shape(slices.images)}; "
+                                f"re-run `toolkit gen --organ {meta['organ']} --mode lesion --force`")
         return cls(
             slices=slices,
             provenance={k: v for k, v in meta.items() if k not in _OWN_KEYS},
             path=directory,
+            lesion_masks=masks,
             **{key: meta[key] for key in _FIELDS},
         )
 
@@ -219,6 +271,23 @@ class SyntheticSet:
     def classes(self) -> np.ndarray:
         """Class of each slice, shape (n,), int64 (0 healthy, 1 injured or low, 2 high)."""
         return self.slices.table[self.organ].to_numpy().astype(np.int64)
+
+    @property
+    def source_rows(self) -> np.ndarray:
+        """Mode ``lesion``: row of each crop's healthy source in the organ-crop set, shape (n,), int64."""
+        self._require_lesion("source_row")
+        return self.slices.table["source_row"].to_numpy().astype(np.int64)
+
+    @property
+    def source_patients(self) -> np.ndarray:
+        """Mode ``lesion``: patient id of each crop's healthy source, shape (n,), int64."""
+        self._require_lesion("source_patient")
+        return self.slices.table["source_patient"].to_numpy().astype(np.int64)
+
+    def _require_lesion(self, what: str) -> None:
+        if self.mode != "lesion":
+            raise ContractError(f"synthetic set {self.path or self.organ} holds '{self.mode}' slices, which have "
+                                f"no {what} (only mode 'lesion' pairs crops with their sources)")
 
     @property
     def near_copy(self) -> np.ndarray:
@@ -298,3 +367,40 @@ class SyntheticSet:
                 "or set train.synthetic_resize=true to resize it"
             )
         return False
+
+
+def _pair_columns(
+    mode: str,
+    shape: tuple[int, ...],
+    lesion_masks: np.ndarray | None,
+    source_rows: np.ndarray | None,
+    source_patients: np.ndarray | None,
+    lesion_kinds: np.ndarray | None,
+    lesion_grades: np.ndarray | None,
+) -> dict[str, Any]:
+    """The manifest columns of a lesion set's pairs (none for mode ``image``), checked against the images."""
+    given = {"lesion_masks": lesion_masks, "source_rows": source_rows, "source_patients": source_patients}
+    if mode == "image":
+        extra = [k for k, v in {**given, "lesion_kinds": lesion_kinds, "lesion_grades": lesion_grades}.items()
+                 if v is not None]
+        if extra:
+            raise ContractError(f"synthetic mode 'image' takes no {', '.join(extra)} (those pair mode 'lesion' crops)")
+        return {}
+    missing = [k for k, v in given.items() if v is None]
+    if missing:
+        raise ContractError(
+            f"a synthetic 'lesion' set needs {', '.join(missing)}: every crop keeps its source and its mask"
+        )
+    n = shape[0]
+    if np.shape(lesion_masks) != tuple(shape):
+        raise ContractError(f"lesion masks have shape {np.shape(lesion_masks)} but the images {tuple(shape)}")
+    columns = {
+        "source_row": np.asarray(source_rows).astype(np.int64),
+        "source_patient": np.asarray(source_patients).astype(np.int64),
+        "lesion_kind": np.asarray(lesion_kinds if lesion_kinds is not None else [""] * n).astype(str),
+        "lesion_grade": np.asarray(lesion_grades if lesion_grades is not None else [0] * n).astype(np.int64),
+    }
+    wrong = {k: len(v) for k, v in columns.items() if len(v) != n}
+    if wrong:
+        raise ContractError(f"a synthetic 'lesion' set of {n} crops got pair columns of other lengths: {wrong}")
+    return columns
