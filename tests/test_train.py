@@ -247,12 +247,14 @@ def _prediction_bytes(run_dir: Path) -> dict[str, bytes]:
             if p.name != "metrics.csv"}  # metrics.csv holds timings
 
 
-# Predictions of ``tiny_config()`` on the module's toy store, seed 0 (torch 2.x, CPU, deterministic algorithms).
-# A change to seeding, data order, the loop or the scheduler moves these by far more than the tolerance.
-PINNED_TEST_FOLD_MEAN = {0: 0.490382, 1: 0.492964}
-PINNED_OOF_FOLD_MEAN = {0: 0.491042, 1: 0.493159}
-PINNED_FIRST_TEST = [0.490896, 0.494287, 0.490652, 0.494861]
-PINNED_FIRST_OOF = [0.490287, 0.49067, 0.489853, 0.491184]
+# Predictions of ``tiny_config()`` on the module's toy store, seed 0 (torch 2.x, CPU, deterministic algorithms,
+# channels-last model). A change to seeding, data order, the loop or the scheduler moves these by far more than
+# the tolerance. (Re-pinned when the CPU model went channels-last: its convolutions sum in another order, which
+# moved them by ~3e-4; with NCHW the batched data path reproduced the previous values.)
+PINNED_TEST_FOLD_MEAN = {0: 0.490669, 1: 0.493035}
+PINNED_OOF_FOLD_MEAN = {0: 0.491259, 1: 0.493166}
+PINNED_FIRST_TEST = [0.491199, 0.494508, 0.490946, 0.494912]
+PINNED_FIRST_OOF = [0.490517, 0.490863, 0.490062, 0.491474]
 
 
 def test_predictions_match_the_pinned_reference(real_only) -> None:
