@@ -150,24 +150,39 @@ def predict_study(
         raise ToolkitError(f"study folder {study} does not exist; give a folder of one series' DICOM files")
     chosen = choose_runs(ws, run)
     store_meta = _store_meta(ws)
+    settings = {organ: run_settings(r, store_meta, organ) for organ, r in chosen.items()}
+    # Organs whose models see the same input (series read, image size, windows) are scored together:
+    # the series is read, resized and windowed once, and every fold model of every such organ runs
+    # over all its slices in large batches.
+    groups: dict[tuple, list[str]] = {}
+    for organ, r in chosen.items():
+        s = settings[organ]
+        key = (s["size"], s["slices"], s["crop_body"], r.image_size(organ), json.dumps(s["windows"]))
+        groups.setdefault(key, []).append(organ)
     series_cache: dict[tuple[int, int, bool], tuple[np.ndarray, Any]] = {}
+    fold_probs: dict[str, np.ndarray] = {}
+    for (size, slices, crop_body, image_size, _), group in groups.items():
+        if (size, slices, crop_body) not in series_cache:
+            series_cache[size, slices, crop_body] = read_series(study, size=size, slices=slices, crop_body=crop_body)
+        hu, _ = series_cache[size, slices, crop_body]
+        models = {organ: load_fold_models(chosen[organ].path, organ) for organ in group}
+        probs = predict_probs([m for organ in group for m in models[organ]], hu, settings[group[0]]["windows"],
+                              image_size, device=device)
+        offsets = np.cumsum([0] + [len(models[organ]) for organ in group])
+        for organ, lo, hi in zip(group, offsets[:-1], offsets[1:], strict=True):
+            fold_probs[organ] = probs[lo:hi]
     organs: dict[str, Any] = {}
     n_slices = 0
     for organ, r in chosen.items():
-        s = run_settings(r, store_meta, organ)
-        key = (s["size"], s["slices"], s["crop_body"])
-        if key not in series_cache:
-            series_cache[key] = read_series(study, size=s["size"], slices=s["slices"], crop_body=s["crop_body"])
-        hu, table = series_cache[key]
-        n_slices = max(n_slices, len(hu))
-        models = load_fold_models(r.path, organ)
-        fold_probs = np.asarray(predict_probs(models, hu, s["windows"], r.image_size(organ), device=device))
-        slice_probs = fold_probs.mean(axis=0)
+        s = settings[organ]
+        _, table = series_cache[s["size"], s["slices"], s["crop_body"]]
+        n_slices = max(n_slices, len(table))
+        slice_probs = fold_probs[organ].mean(axis=0)
         top = np.argsort(-slice_probs)[:3]
         organs[organ] = {
             "run": r.name,
             "prob": aggregate_patient(slice_probs, s["aggregate"], s["top_k"]),
-            "prob_folds": [aggregate_patient(p, s["aggregate"], s["top_k"]) for p in fold_probs],
+            "prob_folds": [aggregate_patient(p, s["aggregate"], s["top_k"]) for p in fold_probs[organ]],
             "aggregate": s["aggregate"] if s["aggregate"] == "max" else f"top{s['top_k']}",
             "full_sensitivity_threshold": full_sensitivity_threshold(r, organ),
             "top_slices": [

@@ -13,7 +13,8 @@ from safetensors.torch import save_file
 
 from toolkit.config import load_config
 from toolkit.errors import ToolkitError
-from train.inference import aggregate_patient, load_fold_models, predict_probs
+from train.data import resize_hu
+from train.inference import aggregate_patient, fold_batchnorm, load_fold_models, predict_probs
 from train.model import (
     create_classifier,
     load_classifier,
@@ -110,6 +111,34 @@ def test_checkpoint_round_trip_and_ensemble_inference(tmp_path: Path) -> None:
     assert not np.allclose(probs[0], probs[1])
     with pytest.raises(ToolkitError, match="no classifier checkpoint"):
         load_classifier(tmp_path / "nothing")
+
+
+def test_predict_probs_scores_like_the_trained_model_itself() -> None:
+    """Folding batch norms and going channels-last for inference must not change a probability."""
+    torch.manual_seed(1)
+    model = create_classifier(_cfg(trainable_blocks=-1))
+    with torch.no_grad():  # batch norms with statistics and affine maps far from the identity
+        for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+            bn.running_mean.normal_(0.0, 0.5)
+            bn.running_var.uniform_(0.3, 3.0)
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.normal_(0.0, 0.3)
+        model.get_classifier().weight.normal_(0.0, 0.5)  # logits that differ between slices
+    model.eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    levels = np.linspace(-150, 250, 7)[:, None, None]  # from darker to brighter than the window's centre
+    hu = (np.random.default_rng(1).normal(0, 100, size=(7, 48, 48)) + levels).astype(np.int16)
+    probs = predict_probs([model], hu, [[40, 400]], 32, device="cpu", batch_size=3)[0]
+
+    x = torch.from_numpy(resize_hu(hu, 32)).float().unsqueeze(1)
+    x = ((x + 160.0) / 400.0).clamp(0.0, 1.0)  # the window [40, 400]: -160 to 240 HU
+    mean, std = model.pretrained_cfg["mean"][0], model.pretrained_cfg["std"][0]
+    with torch.no_grad():
+        expected = torch.sigmoid(model((x - mean) / std)[:, 0]).numpy()
+    assert np.abs(probs - expected).max() < 1e-5 and expected.std() > 1e-3
+    # The caller's model is untouched (its weights still hold the unfolded batch norms).
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in fold_batchnorm(model).modules()) == 0
 
 
 def test_aggregate_patient() -> None:

@@ -233,6 +233,12 @@ def batch_as_is(batch: dict[str, Any]) -> dict[str, Any]:
     return batch
 
 
+def memory_format_for(device: torch.device) -> torch.memory_format:
+    """``channels_last`` on CPU and CUDA, where oneDNN / cuDNN run MobileNet's depthwise convolutions
+    faster in it (CPU, 64 px: ~1.5x per training step, ~2x per inference batch); MPS keeps NCHW."""
+    return torch.channels_last if device.type in ("cpu", "cuda") else torch.contiguous_format
+
+
 class SliceTransform:
     """HU batch -> model input on the batch's device: window into channels, augment, normalise.
 

@@ -2,24 +2,26 @@
 
 Used by ``train`` itself (patient-level files) and by ``toolkit predict`` / ``explain``.
 Preprocessing matches training exactly: resize HU to the model's image size
-(:func:`train.data.resize_hu`), window (:func:`toolkit.transforms.window_hu`),
-normalise with the checkpoint's ``mean``/``std``.
+(:func:`train.data.resize_hu`), window (:func:`train.data.window_tensor`),
+normalise with the checkpoint's ``mean``/``std``. :func:`predict_probs` scores with an
+inference copy of each model (batch norms folded into their convolutions, channels-last
+on CPU/CUDA), every model over all slices in a few large batches.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-from torch import nn
+from torch import fx, nn
 
 from toolkit.artifacts.run import RunFolder
 from toolkit.errors import ToolkitError
-from toolkit.transforms import window_hu
-from train.data import resize_hu
+from train.data import memory_format_for, resize_hu, window_tensor
 from train.model import load_classifier
 
 AGGREGATES: tuple[str, ...] = ("max", "topk")
@@ -97,6 +99,62 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
+class _NormLeafTracer(fx.Tracer):
+    """An fx tracer that keeps every batch norm (timm's BatchNormAct2d too) as one node."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, nn.BatchNorm2d) or super().is_leaf_module(m, module_qualified_name)
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """An inference copy of ``model`` with each batch norm that directly follows a convolution folded into it.
+
+    In eval mode a batch norm is a per-channel affine map, so ``bn(conv(x))`` is one convolution
+    with scaled weights and a bias: the copy skips a pass over every activation (MobileNetV2 at
+    224 px on a CPU: ~1.3x per batch). The graph (torch.fx) decides which norm follows which
+    convolution; timm's ``BatchNormAct2d`` keeps its activation. A model fx cannot trace is
+    returned as an unfolded eval-mode copy. ``model`` itself is left as it is.
+
+    Returns
+    -------
+    nn.Module
+        In eval mode; outputs equal ``model``'s up to float rounding.
+    """
+    model = copy.deepcopy(model).eval()
+    try:
+        graph = fx.GraphModule(model, _NormLeafTracer().trace(model))
+    except Exception:  # noqa: BLE001 - fx refuses data-dependent control flow; such a model is scored unfolded
+        return model
+    modules = dict(graph.named_modules())
+    for node in graph.graph.nodes:
+        bn = modules.get(node.target) if node.op == "call_module" else None
+        conv_node = node.args[0] if node.args else None
+        if not isinstance(bn, nn.BatchNorm2d) or bn.running_var is None or bn.running_mean is None:
+            continue
+        if not (isinstance(conv_node, fx.Node) and conv_node.op == "call_module" and len(conv_node.users) == 1):
+            continue
+        conv = modules[conv_node.target]
+        if not isinstance(conv, nn.Conv2d) or conv.out_channels != bn.num_features:
+            continue
+        with torch.no_grad():
+            scale = torch.rsqrt(bn.running_var + bn.eps)
+            shift = -bn.running_mean * scale
+            if bn.affine:
+                scale, shift = scale * bn.weight, shift * bn.weight + bn.bias
+            bias = shift if conv.bias is None else conv.bias * scale + shift
+            conv.weight.mul_(scale.view(-1, 1, 1, 1))
+            conv.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+        rest = [m for m in (getattr(bn, "drop", None), getattr(bn, "act", None)) if m is not None]
+        parent, _, name = node.target.rpartition(".")
+        setattr(graph.get_submodule(parent), name, nn.Sequential(*rest))  # empty Sequential: identity
+    graph.recompile()
+    graph.pretrained_cfg = getattr(model, "pretrained_cfg", {})
+    return graph.eval()
+
+
+_BATCH_PIXELS = 64 * 224 * 224  # slices per inference batch: 64 at 224 px, 784 at 64 px
+
+
 @torch.inference_mode()
 def predict_probs(
     models: Sequence[nn.Module],
@@ -104,14 +162,19 @@ def predict_probs(
     windows: Sequence[Sequence[float]],
     image_size: int,
     device: str | torch.device | None = None,
-    batch_size: int = 64,
+    batch_size: int | None = None,
 ) -> np.ndarray:
     """Injury probability of every slice under every model.
+
+    The slices are resized, moved to the device and windowed once; each model (an inference copy,
+    :func:`fold_batchnorm`) then scores all of them in batches, and the probabilities come back
+    to the host once.
 
     Parameters
     ----------
     models : sequence of nn.Module
         Classifiers from :func:`load_fold_models` (their ``pretrained_cfg`` holds mean/std).
+        They are moved to ``device`` and set to eval mode.
     hu : ndarray of shape (n, H, W)
         Slices in Hounsfield units, any size.
     windows : sequence of (level, width)
@@ -119,8 +182,9 @@ def predict_probs(
     image_size : int
         The run's ``train.image_size``.
     device : str or torch.device, optional
-        Default: CUDA, else MPS, else CPU. Models are moved there.
-    batch_size : int, default=64
+        Default: CUDA, else MPS, else CPU.
+    batch_size : int, optional
+        Slices per forward pass; default: as many as 64 slices of 224 px hold pixels.
 
     Returns
     -------
@@ -130,22 +194,25 @@ def predict_probs(
     if hu.ndim != 3:
         raise ToolkitError(f"predict_probs expects HU slices of shape (n, H, W), got {hu.shape}")
     device = torch.device(device) if device is not None else default_device()
-    resized = resize_hu(hu, image_size)
-    out = np.zeros((len(models), len(hu)), dtype=np.float32)
-    if len(hu) == 0:
-        return out
-    stats = []
     for model in models:
         in_chans = model.pretrained_cfg["input_size"][0]
         if in_chans != len(windows):
             raise ToolkitError(f"model expects {in_chans} channel(s) but {len(windows)} window(s) were given")
+    if len(hu) == 0 or not models:
+        return np.zeros((len(models), len(hu)), dtype=np.float32)
+    batch_size = batch_size or max(1, _BATCH_PIXELS // (image_size * image_size))
+    memory_format = memory_format_for(device)
+    x = window_tensor(torch.from_numpy(resize_hu(hu, image_size)).to(device), windows)
+    normalised: dict[tuple, torch.Tensor] = {}  # fold models share their mean/std: normalise once
+    out = torch.empty((len(models), len(hu)), dtype=torch.float32, device=device)
+    for m, model in enumerate(models):
         model.eval().to(device)
-        mean = torch.tensor(model.pretrained_cfg["mean"], dtype=torch.float32, device=device).view(1, -1, 1, 1)
-        std = torch.tensor(model.pretrained_cfg["std"], dtype=torch.float32, device=device).view(1, -1, 1, 1)
-        stats.append((mean, std))
-    for start in range(0, len(resized), batch_size):
-        x = torch.from_numpy(window_hu(resized[start : start + batch_size], windows)).to(device)
-        for m, (model, (mean, std)) in enumerate(zip(models, stats, strict=True)):
-            logits = model((x - mean) / std).squeeze(1).float()
-            out[m, start : start + len(x)] = torch.sigmoid(logits).cpu().numpy()
-    return out
+        stats = (tuple(model.pretrained_cfg["mean"]), tuple(model.pretrained_cfg["std"]))
+        if stats not in normalised:
+            mean, std = (torch.tensor(v, dtype=torch.float32, device=device).view(1, -1, 1, 1) for v in stats)
+            normalised[stats] = ((x - mean) / std).contiguous(memory_format=memory_format)
+        inputs = normalised[stats]
+        scorer = fold_batchnorm(model).to(memory_format=memory_format)
+        for start in range(0, len(hu), batch_size):
+            out[m, start : start + batch_size] = torch.sigmoid(scorer(inputs[start : start + batch_size]).float()[:, 0])
+    return out.cpu().numpy()
