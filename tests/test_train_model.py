@@ -134,11 +134,15 @@ def test_predict_probs_scores_like_the_trained_model_itself() -> None:
     x = ((x + 160.0) / 400.0).clamp(0.0, 1.0)  # the window [40, 400]: -160 to 240 HU
     mean, std = model.pretrained_cfg["mean"][0], model.pretrained_cfg["std"][0]
     with torch.no_grad():
-        expected = torch.sigmoid(model((x - mean) / std)[:, 0]).numpy()
+        logits = model((x - mean) / std)[:, 0]
+        folded = fold_batchnorm(model)  # what predict_probs scores with when there are many slices
+        folded_logits = folded((x - mean) / std)[:, 0]
+    expected = torch.sigmoid(logits).numpy()
     assert np.abs(probs - expected).max() < 1e-5 and expected.std() > 1e-3
+    assert (folded_logits - logits).abs().max() < 1e-4 and logits.std() > 1e-2
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
     # The caller's model is untouched (its weights still hold the unfolded batch norms).
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in fold_batchnorm(model).modules()) == 0
 
 
 def test_aggregate_patient() -> None:

@@ -3,9 +3,9 @@
 Used by ``train`` itself (patient-level files) and by ``toolkit predict`` / ``explain``.
 Preprocessing matches training exactly: resize HU to the model's image size
 (:func:`train.data.resize_hu`), window (:func:`train.data.window_tensor`),
-normalise with the checkpoint's ``mean``/``std``. :func:`predict_probs` scores with an
-inference copy of each model (batch norms folded into their convolutions, channels-last
-on CPU/CUDA), every model over all slices in a few large batches.
+normalise with the checkpoint's ``mean``/``std``. :func:`predict_probs` runs every model over
+all slices in a few large batches, channels-last on CPU/CUDA and, when there are enough slices
+to pay for it, with its batch norms folded into the convolutions (:func:`fold_batchnorm`).
 """
 
 from __future__ import annotations
@@ -107,21 +107,23 @@ class _NormLeafTracer(fx.Tracer):
 
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:
-    """An inference copy of ``model`` with each batch norm that directly follows a convolution folded into it.
+    """An inference twin of ``model`` (eval mode) with each batch norm that directly follows a convolution folded in.
 
     In eval mode a batch norm is a per-channel affine map, so ``bn(conv(x))`` is one convolution
-    with scaled weights and a bias: the copy skips a pass over every activation (MobileNetV2 at
+    with scaled weights and a bias: the twin skips a pass over every activation (MobileNetV2 at
     224 px on a CPU: ~1.3x per batch). The graph (torch.fx) decides which norm follows which
-    convolution; timm's ``BatchNormAct2d`` keeps its activation. A model fx cannot trace is
-    returned as an unfolded eval-mode copy. ``model`` itself is left as it is.
+    convolution; timm's ``BatchNormAct2d`` keeps its activation. Folded convolutions are new
+    modules; every other layer is shared with ``model``, whose weights stay as they are. A model
+    fx cannot trace is returned itself.
 
     Returns
     -------
     nn.Module
-        In eval mode; outputs equal ``model``'s up to float rounding.
+        In eval mode, as is ``model``; outputs equal ``model``'s up to float rounding.
     """
-    model = copy.deepcopy(model).eval()
+    model.eval()
     try:
+        # GraphModule gets fresh parent modules and shares the leaf layers with ``model``.
         graph = fx.GraphModule(model, _NormLeafTracer().trace(model))
     except Exception:  # noqa: BLE001 - fx refuses data-dependent control flow; such a model is scored unfolded
         return model
@@ -134,28 +136,33 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
         if not (isinstance(conv_node, fx.Node) and conv_node.op == "call_module" and len(conv_node.users) == 1):
             continue
         conv = modules[conv_node.target]
-        if not isinstance(conv, nn.Conv2d) or conv.out_channels != bn.num_features:
+        if type(conv) is not nn.Conv2d or conv.out_channels != bn.num_features:
             continue
         with torch.no_grad():
             scale = torch.rsqrt(bn.running_var + bn.eps)
             shift = -bn.running_mean * scale
             if bn.affine:
                 scale, shift = scale * bn.weight, shift * bn.weight + bn.bias
-            bias = shift if conv.bias is None else conv.bias * scale + shift
-            conv.weight.mul_(scale.view(-1, 1, 1, 1))
-            conv.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+            folded = copy.copy(conv)  # same hyper-parameters; new weight and bias below
+            folded._parameters = {
+                "weight": nn.Parameter(conv.weight * scale.view(-1, 1, 1, 1), requires_grad=False),
+                "bias": nn.Parameter(shift if conv.bias is None else conv.bias * scale + shift, requires_grad=False),
+            }
         rest = [m for m in (getattr(bn, "drop", None), getattr(bn, "act", None)) if m is not None]
-        parent, _, name = node.target.rpartition(".")
-        setattr(graph.get_submodule(parent), name, nn.Sequential(*rest))  # empty Sequential: identity
+        for target, module in ((conv_node.target, folded), (node.target, nn.Sequential(*rest))):
+            parent, _, name = target.rpartition(".")
+            setattr(graph.get_submodule(parent), name, module)  # an empty Sequential is the identity
     graph.recompile()
     graph.pretrained_cfg = getattr(model, "pretrained_cfg", {})
     return graph.eval()
 
 
 _BATCH_PIXELS = 64 * 224 * 224  # slices per inference batch: 64 at 224 px, 784 at 64 px
+# Folding a model's batch norms costs about what scoring ten 224 px slices saves (CPU): fold only
+# when each model scores at least this many pixels (32 slices at 224 px, 392 at 64 px).
+_FOLD_PIXELS = 32 * 224 * 224
 
 
-@torch.inference_mode()
 def predict_probs(
     models: Sequence[nn.Module],
     hu: np.ndarray,
@@ -166,15 +173,16 @@ def predict_probs(
 ) -> np.ndarray:
     """Injury probability of every slice under every model.
 
-    The slices are resized, moved to the device and windowed once; each model (an inference copy,
-    :func:`fold_batchnorm`) then scores all of them in batches, and the probabilities come back
-    to the host once.
+    The slices are resized, moved to the device and windowed once; each model (its batch norms
+    folded, :func:`fold_batchnorm`, when it scores enough pixels to pay for that) then scores all
+    of them in batches, and the probabilities come back to the host once.
 
     Parameters
     ----------
     models : sequence of nn.Module
         Classifiers from :func:`load_fold_models` (their ``pretrained_cfg`` holds mean/std).
-        They are moved to ``device`` and set to eval mode.
+        They are moved to ``device``, set to eval mode and, on CPU/CUDA, to channels-last (the
+        layout of their weights; their values are left as they are).
     hu : ndarray of shape (n, H, W)
         Slices in Hounsfield units, any size.
     windows : sequence of (level, width)
@@ -202,17 +210,23 @@ def predict_probs(
         return np.zeros((len(models), len(hu)), dtype=np.float32)
     batch_size = batch_size or max(1, _BATCH_PIXELS // (image_size * image_size))
     memory_format = memory_format_for(device)
-    x = window_tensor(torch.from_numpy(resize_hu(hu, image_size)).to(device), windows)
-    normalised: dict[tuple, torch.Tensor] = {}  # fold models share their mean/std: normalise once
-    out = torch.empty((len(models), len(hu)), dtype=torch.float32, device=device)
-    for m, model in enumerate(models):
-        model.eval().to(device)
-        stats = (tuple(model.pretrained_cfg["mean"]), tuple(model.pretrained_cfg["std"]))
-        if stats not in normalised:
-            mean, std = (torch.tensor(v, dtype=torch.float32, device=device).view(1, -1, 1, 1) for v in stats)
-            normalised[stats] = ((x - mean) / std).contiguous(memory_format=memory_format)
-        inputs = normalised[stats]
-        scorer = fold_batchnorm(model).to(memory_format=memory_format)
-        for start in range(0, len(hu), batch_size):
-            out[m, start : start + batch_size] = torch.sigmoid(scorer(inputs[start : start + batch_size]).float()[:, 0])
-    return out.cpu().numpy()
+    fold = len(hu) * image_size**2 >= _FOLD_PIXELS
+    with torch.no_grad():  # not inference mode: the caller's models stay trainable (explain's Grad-CAM)
+        scorers = []
+        for model in models:
+            model.eval().to(device=device, memory_format=memory_format)
+            scorers.append(fold_batchnorm(model) if fold else model)
+    with torch.inference_mode():
+        x = window_tensor(torch.from_numpy(resize_hu(hu, image_size)).to(device), windows)
+        normalised: dict[tuple, torch.Tensor] = {}  # fold models share their mean/std: normalise once
+        out = torch.empty((len(models), len(hu)), dtype=torch.float32, device=device)
+        for m, scorer in enumerate(scorers):
+            stats = (tuple(scorer.pretrained_cfg["mean"]), tuple(scorer.pretrained_cfg["std"]))
+            if stats not in normalised:
+                mean, std = (torch.tensor(v, dtype=torch.float32, device=device).view(1, -1, 1, 1) for v in stats)
+                normalised[stats] = ((x - mean) / std).contiguous(memory_format=memory_format)
+            inputs = normalised[stats]
+            for start in range(0, len(hu), batch_size):
+                logits = scorer(inputs[start : start + batch_size]).float()[:, 0]
+                out[m, start : start + batch_size] = torch.sigmoid(logits)
+        return out.cpu().numpy()
