@@ -131,7 +131,7 @@ def measure_training(size: int, model_name: str, batch: int, samples: int, repea
     cfg = load_config(
         "default",
         {"train": {"model": model_name, "pretrained": False, "image_size": size, "batch_size": batch,
-                   "trainable_blocks": -1, "epoch_size": samples, "epochs": 1000}},
+                   "trainable_blocks": -1, "epoch_size": samples, "epochs": 1000, "num_workers": 0}},
     )
     with tempfile.TemporaryDirectory() as tmp:
         store = SliceSet.load(_toy_store(Path(tmp) / "store"))  # memory-mapped
