@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 
@@ -143,6 +144,32 @@ def test_predict_probs_scores_like_the_trained_model_itself() -> None:
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
     # The caller's model is untouched (its weights still hold the unfolded batch norms).
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_frozen_twin_trains_the_model_itself() -> None:
+    """Backpropagating through the twin with frozen batch norms folded gives the model's own weights
+    the gradients that backpropagating through the model gives them."""
+    from timm.layers import FrozenBatchNormAct2d
+
+    torch.manual_seed(2)
+    model = create_classifier(_cfg(trainable_blocks=2))
+    with torch.no_grad():  # frozen statistics far from the identity, so folding them matters
+        for bn in (m for m in model.modules() if isinstance(m, FrozenBatchNormAct2d)):
+            bn.running_var.uniform_(0.3, 3.0)
+            bn.weight.uniform_(0.5, 1.5)
+    other = copy.deepcopy(model)
+    twin = fold_batchnorm(other, frozen_only=True)
+    assert not any(isinstance(m, FrozenBatchNormAct2d) for m in twin.modules())
+    x, y = torch.randn(16, 1, 64, 64), torch.tensor([0.0, 1.0] * 8)
+    for trained in (model, twin):
+        trained.train()
+        torch.nn.functional.binary_cross_entropy_with_logits(trained(x)[:, 0], y).backward()
+    ours = [p.grad for p in model.parameters() if p.requires_grad]
+    theirs = [p.grad for p in other.parameters() if p.requires_grad]
+    assert len(ours) > 10 and all(g is not None for g in theirs)
+    scale = max(float(g.abs().max()) for g in ours)  # rounding differs; the gradients must not
+    assert max(float((a - b).abs().max()) for a, b in zip(ours, theirs, strict=True)) < 1e-4 * scale
+    assert all(p.grad is None for p in other.parameters() if not p.requires_grad)
 
 
 def test_aggregate_patient() -> None:
