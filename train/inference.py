@@ -135,10 +135,11 @@ def fold_batchnorm(model: nn.Module, frozen_only: bool = False) -> nn.Module:
     Returns
     -------
     nn.Module
-        Outputs equal ``model``'s up to float rounding; in eval mode unless ``frozen_only``.
+        Outputs equal ``model``'s up to float rounding; in training mode with ``frozen_only``, else
+        in eval mode (``model`` is switched to that mode too).
     """
-    if not frozen_only:
-        model.eval()
+    # fx records ``self.training`` branches (dropout, drop path) as traced: trace in the mode the twin runs in.
+    model.train(frozen_only)
     try:
         # GraphModule gets fresh parent modules and shares the leaf layers with ``model``.
         graph = fx.GraphModule(model, _NormLeafTracer().trace(model))
@@ -173,7 +174,7 @@ def fold_batchnorm(model: nn.Module, frozen_only: bool = False) -> nn.Module:
             setattr(graph.get_submodule(parent), name, module)  # an empty Sequential is the identity
     graph.recompile()
     graph.pretrained_cfg = getattr(model, "pretrained_cfg", {})
-    return graph.train(model.training)
+    return graph.train(frozen_only)
 
 
 _BATCH_PIXELS = 64 * 224 * 224  # slices per inference batch: 64 at 224 px, 784 at 64 px
