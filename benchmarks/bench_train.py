@@ -1,19 +1,24 @@
-"""Training and inference speed of ``train`` against plain timm loops on the same machine.
+"""Speed of ``toolkit train`` and ``toolkit predict`` against plain timm on the same machine.
 
-Prints, in one run:
+Prints, in one run (each measurement in a fresh process started as the CLI starts:
+:func:`toolkit.runtime.passive_openmp` before torch loads, then :func:`toolkit.runtime.tune_malloc`):
 
-1. training slices/s of train's own path (memory-mapped store -> ``resize_hu`` ->
-   ``BalancedEpochDataset`` -> DataLoader with windowing/augmentation -> accelerate ->
-   ``train_one_epoch``) vs a bare timm forward/backward/AdamW loop on tensors already in
-   memory, same model, batch and image size; at 64 and 128 px (ratio: aim > 0.9);
-2. the same at 128 px with and without :func:`toolkit.runtime.tune_malloc` (each
-   measurement runs in a fresh process, since malloc settings cannot be undone);
-3. study-level inference: one CT series of 64 slices through 5 organs x K fold models
-   (``load_fold_models`` + ``predict_probs``).
+1. **training step**: slices/s of train's own path (memory-mapped store -> ``resize_hu`` ->
+   ``BalancedEpochDataset`` -> DataLoader of whole batches -> accelerate -> ``train_one_epoch``
+   with windowing/augmentation on the device, the model as ``build_fold`` makes it) vs a bare timm
+   forward/backward/AdamW loop on one of those batches, same model, batch and image size, at 64
+   and 128 px (ratio: goal >= 0.95 at 64 px);
+2. **fold overhead**: one organ's folds of ``train_run`` at the demo's settings (64 px, epoch_size
+   384, batch 32, 8 epochs, 3 folds, last 3 blocks trainable) on a demo-sized toy store (240 patients
+   x 16 slices at 128 px, half of them test), with a table of where the time goes and a fold's
+   wall time against its training steps alone (goal <= 1.3);
+3. **predict, per study**: ``predict_study`` (what ``toolkit predict`` runs: read the DICOM series,
+   load every fold model, score, aggregate) on a 64-slice phantom study, for 5 organs x 5 folds at
+   224 px and for the demo's settings (64 px, kidney and bowel 128 px, 3 folds, 16 slices per series).
 
 Usage::
 
-    python benchmarks/bench_train.py [--model mobilenetv2_100] [--batch 32] [--folds 5]
+    python benchmarks/bench_train.py [--model mobilenetv2_100] [--batch 32] [--skip train,fold,predict]
 """
 
 from __future__ import annotations
@@ -25,12 +30,23 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
-STORE_SIZE = 256  # px of the toy store (the default config's data.size)
+ROOT = Path(__file__).resolve().parents[1]
+STORE_SIZE = 256  # px of the toy store of the training-step measurement (the default config's data.size)
+
+
+def _start_like_the_cli() -> dict[str, Any]:
+    """The CLI's runtime settings, applied before torch is imported (this process is a fresh child)."""
+    from toolkit.runtime import passive_openmp, tune_malloc
+
+    passive = passive_openmp()
+    return {"omp_passive": passive or os.environ.get("OMP_WAIT_POLICY") == "PASSIVE", "malloc": tune_malloc()}
 
 
 def _toy_store(directory: Path, n: int = 512, size: int = STORE_SIZE, seed: int = 0) -> Path:
@@ -62,48 +78,79 @@ def _toy_store(directory: Path, n: int = 512, size: int = STORE_SIZE, seed: int 
     return directory
 
 
+def _demo_store(directory: Path, patients: int = 240, slices: int = 16, size: int = 128, seed: int = 0) -> Path:
+    """A store shaped like the demo's (240 patients x 16 slices at 128 px, half test, 3 folds).
+
+    A quarter of the patients carry a dark lesion in the 'organ' on 4 of their slices; every
+    organ column holds the same labels, so any organ can be trained on it.
+    """
+    from toolkit import ORGANS
+    from toolkit.sliceset import SliceSet
+
+    rng = np.random.default_rng(seed)
+    n = patients * slices
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    body = ((xx - 0.5) / 0.42) ** 2 + ((yy - 0.5) / 0.32) ** 2 < 1
+    organ = ((xx - 0.38) / 0.15) ** 2 + ((yy - 0.5) / 0.13) ** 2 < 1
+    lesion = organ & (((xx - 0.38) / 0.06) ** 2 + ((yy - 0.5) / 0.04) ** 2 < 1)
+    patient = np.arange(n) // slices
+    level = np.arange(n) % slices
+    injured = patient % 4 == 0
+    on_slice = injured & (level >= 6) & (level < 10)
+    images = np.full((n, size, size), -1000, np.int16)
+    images[:, body] = 40
+    images[:, organ] = 60
+    images[np.ix_(on_slice, lesion.any(1), lesion.any(0))] = 10
+    images = (images + rng.normal(0, 10, images.shape)).astype(np.int16)
+    test = patient >= patients // 2
+    table = pd.DataFrame({
+        "patient_id": patient, "series_id": patient, "instance": level, "z": -level * 5.0,
+        "split": np.where(test, "test", "train"), "fold": np.where(test, -1, patient % 3), "source": "real",
+    })
+    for o in ORGANS:
+        table[o] = on_slice.astype(np.int64)
+        table[f"{o}_patient"] = injured.astype(np.int64)
+    SliceSet(images, table, {"split_hash": "bench"}).save(directory, force=True)
+    return directory
+
+
+# ------------------------------------------------------------------ 1. training step
 def measure_training(size: int, model_name: str, batch: int, samples: int, repeats: int) -> dict:
     """Slices/s of train's loop and of a bare timm loop (best of ``repeats`` each, interleaved)."""
     import timm
     import torch
     from accelerate import Accelerator
 
+    from toolkit.artifacts.run import FoldFolder
     from toolkit.config import load_config
     from toolkit.sliceset import SliceSet
-    from train.balancer import Balancer
-    from train.data import BalancedEpochDataset, RandSliceAugment, SliceCollate, create_loader, resize_hu
-    from train.engine import train_one_epoch
-    from train.model import create_classifier
+    from train.balancer import REAL, Balancer
+    from train.data import BalancedEpochDataset, SliceDataset, resize_hu
+    from train.engine import FoldData, build_fold, train_one_epoch
 
     cfg = load_config(
         "default",
         {"train": {"model": model_name, "pretrained": False, "image_size": size, "batch_size": batch,
-                   "trainable_blocks": -1, "epoch_size": samples}},
+                   "trainable_blocks": -1, "epoch_size": samples, "epochs": 1000, "num_workers": 0}},
     )
     with tempfile.TemporaryDirectory() as tmp:
         store = SliceSet.load(_toy_store(Path(tmp) / "store"))  # memory-mapped
         real = resize_hu(store.images, size)
         labels = store.labels("liver")
         balancer = Balancer(np.arange(len(real)), labels, epoch_size=samples, ratio=0.0, seed=0, fold=0)
-        dataset = BalancedEpochDataset(real, None, balancer, seed=0)
-
+        rows = np.arange(64)
+        small = SliceDataset(real, None, np.full(64, REAL, np.int8), rows, labels[rows].astype(np.float32))
+        data = FoldData("liver", 0, BalancedEpochDataset(real, None, balancer, seed=0), small, small, store.table)
         accelerator = Accelerator(mixed_precision="no")
-        torch.manual_seed(0)
-        model = create_classifier(cfg)
-        pcfg = model.pretrained_cfg
-        loader = create_loader(
-            dataset, SliceCollate(cfg.data.windows, pcfg["mean"], pcfg["std"], RandSliceAugment()), batch
-        )
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=10_000)
-        model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
-        loss_fn = torch.nn.BCEWithLogitsLoss()
+        parts = build_fold(accelerator, cfg, data, FoldFolder(Path(tmp) / "fold_0", 0), 0)
 
-        bare = timm.create_model(model_name, pretrained=False, num_classes=1, in_chans=1)
+        bare = timm.create_model(model_name, pretrained=False, num_classes=1, in_chans=len(cfg.data.windows))
         bare_opt = torch.optim.AdamW(bare.parameters(), lr=1e-4)
-        x = torch.randn(batch, 1, size, size)
-        y = (torch.rand(batch) > 0.5).float()
-        steps = samples // batch
+        first = next(iter(parts.train_loader))
+        x = parts.train_transform(first).contiguous()  # one of the toolkit's batches, NCHW as timm makes it
+        y = first["y"]
+        loss_fn = torch.nn.BCEWithLogitsLoss()
+        steps = len(parts.train_loader)
 
         def bare_epoch() -> float:
             bare.train()
@@ -116,8 +163,10 @@ def measure_training(size: int, model_name: str, batch: int, samples: int, repea
             return steps * batch / (time.perf_counter() - start)
 
         def toolkit_epoch(epoch: int) -> float:
-            loader.set_epoch(epoch)
-            stats = train_one_epoch(model, loader, optimizer, scheduler, loss_fn, accelerator)
+            parts.train_loader.set_epoch(epoch)
+            data.train_set.set_epoch(epoch)
+            stats = train_one_epoch(parts.model, parts.train_loader, parts.optimizer, parts.scheduler,
+                                    parts.loss_fn, accelerator, parts.train_transform)
             return stats["samples"] / stats["seconds"]
 
         toolkit_epoch(0)  # warm-up (allocator, oneDNN kernels)
@@ -129,110 +178,230 @@ def measure_training(size: int, model_name: str, batch: int, samples: int, repea
     return {"size": size, "toolkit": max(ours), "bare": max(base), "ratio": max(ours) / max(base)}
 
 
-def measure_inference(model_name: str, image_size: int, folds: int, slices: int = 64) -> dict:
-    """Seconds to score one series of ``slices`` HU slices with 5 organs x ``folds`` models."""
+# ------------------------------------------------------------------ 2. fold overhead
+def measure_fold(organ: str = "liver", folds: int = 3, epochs: int = 8) -> dict:
+    """Train one organ of ``train_run`` at the demo's settings and time its parts.
+
+    The loop's functions are wrapped here (this process only) to time them: training epochs,
+    validation and test scoring, checkpoints, fold set-up; inside them the batch fetch
+    (``SliceDataset.__getitems__``) and the device-side ``SliceTransform``. Early stopping is
+    off (patience = epochs) so that every fold runs the demo's 8 epochs.
+    """
+    import train.data as data_mod
+    import train.engine as engine
+    import train.run as run
+    from toolkit.config import load_config
+    from toolkit.workspace import Workspace
+
+    seconds: dict[str, float] = defaultdict(float)
+    phase = ["other"]
+
+    def timed(owner: Any, name: str, key: str | None = None, sets_phase: str | None = None) -> None:
+        original = getattr(owner, name)
+
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            label = key or f"{phase[0]}:{name}"
+            previous = phase[0]
+            if sets_phase:
+                phase[0] = sets_phase
+            start = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                seconds[label] += time.perf_counter() - start
+                phase[0] = previous
+
+        setattr(owner, name, wrapper)
+
+    timed(engine, "train_one_epoch", "train", sets_phase="train")
+    timed(engine, "finish_fold", "finish", sets_phase="test")
+    timed(engine, "evaluate", None, sets_phase=None)
+    timed(engine, "save_epoch", "save")
+    timed(engine, "build_fold", "build")
+    timed(engine, "train_fold", "fold")
+    timed(data_mod.SliceDataset, "__getitems__")
+    timed(data_mod.SliceTransform, "__call__")
+    run.train_fold = engine.train_fold
+    timed(run, "resize_hu", "resize")
+    timed(run, "write_organ_outputs", "outputs")
+    timed(run, "plot_learning_curve", "outputs")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ws = Workspace(Path(tmp))
+        _demo_store(ws.store_dir)
+        cfg = load_config("demo", {"data": {"size": 128}, "train": {"pretrained": False, "folds": folds,
+                                                                    "epochs": epochs, "patience": epochs}})
+        start = time.perf_counter()
+        run.train_run(ws, cfg, organs=[organ])
+        total = time.perf_counter() - start
+        tc = cfg.train.for_organ(organ)
+    return {"organ": organ, "image_size": tc.image_size, "epochs": epochs, "folds": folds, "total": total,
+            "seconds": dict(seconds), "settings": {k: getattr(tc, k) for k in
+                                                   ("epoch_size", "batch_size", "trainable_blocks")}}
+
+
+def fold_table(r: dict) -> tuple[list[tuple[str, float]], float]:
+    """Rows (stage, seconds) of the fold profile and the overhead ratio (fold wall / training steps)."""
+    s = defaultdict(float, r["seconds"])
+    train_fetch, train_transform = s["train:__getitems__"], s["train:__call__"]
+    val = s["other:evaluate"]  # evaluate called from run_epoch (validation); finish_fold's is "test:evaluate"
+    test = s["test:evaluate"]
+    val_prep = s["other:__getitems__"] + s["other:__call__"]
+    test_prep = s["test:__getitems__"] + s["test:__call__"]
+    accounted = s["train"] + val + s["finish"] + s["save"] + s["build"]
+    rows = [
+        ("training steps (train_one_epoch)", s["train"]),
+        ("  batch fetch: index the in-memory int16 slices", train_fetch),
+        ("  window + augment + normalise (device)", train_transform),
+        ("  model forward, backward, AdamW, schedule", s["train"] - train_fetch - train_transform),
+        ("validation inference (every epoch)", val),
+        ("  of which batch fetch + window + normalise", val_prep),
+        ("test inference (best checkpoint, once)", test),
+        ("  of which batch fetch + window + normalise", test_prep),
+        ("checkpoint reload + summary/prediction files", s["finish"] - test),
+        ("checkpoints, predictions, resume state per epoch", s["save"]),
+        ("model build + accelerate prepare", s["build"]),
+        ("other (patient AUC, hooks, logging, Python)", s["fold"] - accounted),
+        ("folds, wall", s["fold"]),
+        ("outside folds: resize store + organ tables/plot", s["resize"] + s["outputs"]),
+    ]
+    return rows, s["fold"] / max(s["train"], 1e-9)
+
+
+# ------------------------------------------------------------------ 3. predict per study
+def measure_predict(case: str, model_name: str) -> dict:
+    """Seconds of ``predict_study`` on one 64-slice phantom study, with a run of 5 organs."""
     import torch
 
+    from eval.predict import predict_study
     from toolkit import ORGANS
-    from toolkit.config import load_config
-    from train.inference import load_fold_models, predict_probs
+    from toolkit.artifacts.run import RunFolder, RunInfo
+    from toolkit.config import PhantomConfig, load_config, organ_config, save_config
+    from toolkit.data.phantom import write_phantom
+    from toolkit.workspace import Workspace
     from train.model import create_classifier, save_classifier
 
-    cfg = load_config(
-        "default",
-        {"train": {"model": model_name, "pretrained": False, "image_size": image_size, "trainable_blocks": -1}},
-    )
-    hu = np.random.default_rng(0).normal(40, 200, size=(slices, STORE_SIZE, STORE_SIZE)).astype(np.int16)
+    if case == "demo":
+        cfg = load_config("demo", {"train": {"pretrained": False, "model": model_name}})
+    else:
+        cfg = load_config("default", {"data": {"slices_per_series": 0},
+                                      "train": {"pretrained": False, "model": model_name, "image_size": 224,
+                                                "folds": 5, "trainable_blocks": -1}})
+    folds = cfg.train.folds or cfg.data.folds
     with tempfile.TemporaryDirectory() as tmp:
+        ws = Workspace(Path(tmp) / "ws")
+        phantom = Path(tmp) / "phantom"
+        write_phantom(phantom, PhantomConfig(patients=1, slices=64, size=STORE_SIZE, second_series_fraction=0.0))
+        study = next(phantom.glob("train_images/*/*"))
+        folder = RunFolder(ws.run_dir("bench"))
+        organ_cfgs = {o: organ_config(cfg, o) for o in ORGANS}
         torch.manual_seed(0)
         for organ in ORGANS:
             for k in range(folds):
-                save_classifier(create_classifier(cfg), Path(tmp) / organ / f"fold_{k}")
-        start = time.perf_counter()
-        models = {organ: load_fold_models(Path(tmp), organ) for organ in ORGANS}
-        loaded = time.perf_counter()
-        for organ in ORGANS:
-            predict_probs(models[organ], hu, cfg.data.windows, image_size, device="cpu")
-        done = time.perf_counter()
-    n = len(ORGANS) * folds
-    return {
-        "models": n,
-        "image_size": image_size,
-        "load_s": loaded - start,
-        "predict_s": done - loaded,
-        "slices_per_s": n * slices / (done - loaded),
-    }
+                save_classifier(create_classifier(organ_cfgs[organ]), folder.fold(organ, k).path)
+        info = RunInfo.from_config("bench", cfg, split_hash="bench", folds=folds, organs=list(ORGANS),
+                                   organ_train={o: c.train for o, c in organ_cfgs.items()})
+        info.complete = True
+        save_config(cfg, folder.config_path)
+        folder.write_info(info)
+        times = []
+        for _ in range(2):  # the first also warms oneDNN's kernels up, as a CLI's first study would not
+            result = predict_study(ws, cfg, study, "bench", device="cpu")
+            times.append(result["elapsed_s"])
+    sizes = sorted({c.train.image_size for c in organ_cfgs.values()})
+    return {"case": case, "folds": folds, "image_sizes": sizes, "n_slices": result["n_slices"],
+            "first_s": times[0], "second_s": times[1]}
 
 
+# ------------------------------------------------------------------ processes
 def _child(args: argparse.Namespace) -> None:
+    runtime = _start_like_the_cli()
     import torch
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.malloc:
-        from toolkit.runtime import tune_malloc
-
-        if not tune_malloc():
-            print("warning: tune_malloc() not supported here", file=sys.stderr)
-    result = measure_training(args.size, args.model, args.batch, args.samples, args.repeats)
-    result["malloc"] = bool(args.malloc)
+    if args.child == "train":
+        result = measure_training(args.size, args.model, args.batch, args.samples, args.repeats)
+    elif args.child == "fold":
+        result = measure_fold(args.organ, args.folds, args.epochs)
+    else:
+        result = measure_predict(args.case, args.model)
+    result["runtime"] = runtime
     print(json.dumps(result))
 
 
-def _spawn(args: argparse.Namespace, size: int, malloc: bool, samples: int) -> dict:
-    cmd = [sys.executable, __file__, "--child", "--size", str(size), "--model", args.model,
-           "--batch", str(args.batch), "--samples", str(samples), "--repeats", str(args.repeats),
-           "--threads", str(args.threads)]
-    if malloc:
-        cmd.append("--malloc")
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+def _spawn(args: argparse.Namespace, what: str, *extra: str) -> dict:
+    cmd = [sys.executable, __file__, "--child", what, "--model", args.model, "--batch", str(args.batch),
+           "--repeats", str(args.repeats), "--threads", str(args.threads), *extra]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    if done.returncode != 0:
+        raise SystemExit(f"{what} measurement failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _load() -> str:
+    return f"{os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else "n/a"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="mobilenetv2_100")
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--samples", type=int, default=0, help="samples per timed epoch (0: by size)")
-    parser.add_argument("--inference-size", type=int, default=224)
+    parser.add_argument("--samples", type=int, default=0, help="samples per timed training epoch (0: by size)")
+    parser.add_argument("--organ", default="liver", help="organ of the fold profile (demo settings for it)")
+    parser.add_argument("--folds", type=int, default=3, help="folds of the fold profile")
+    parser.add_argument("--epochs", type=int, default=8, help="epochs per fold of the fold profile")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--skip", default="", help="comma-separated parts to skip: train, fold, predict")
+    parser.add_argument("--child", default="", help=argparse.SUPPRESS)
     parser.add_argument("--size", type=int, default=64, help=argparse.SUPPRESS)
-    parser.add_argument("--malloc", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--case", default="demo", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         _child(args)
         return
 
-    import torch
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    cores = os.cpu_count() or 1
+    print(f"model {args.model}, batch {args.batch}, {cores} CPUs, load average {_load()} at start")
+    if os.getloadavg()[0] > cores / 2 if hasattr(os, "getloadavg") else False:
+        print("warning: the machine is busy; absolute figures are noisy (each ratio is measured within one process)")
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, model {args.model}, batch {args.batch}, "
-          f"{os.cpu_count()} CPUs, load average {load:.1f} at start")
-    if load > (os.cpu_count() or 1) / 2:
-        print("warning: the machine is busy; absolute figures are noisy (ratios are measured interleaved)")
-    print("\ntraining slices/s: train's loop (mmap store -> loader -> accelerate -> train_one_epoch) "
-          "vs bare timm loop on in-memory tensors")
-    print(f"{'px':>5} {'malloc':>8} {'toolkit':>9} {'bare':>9} {'ratio':>7}")
-    rows = []
-    for size, malloc in ((64, True), (128, False), (128, True)):
-        samples = args.samples or (512 if size <= 64 else 256)
-        r = _spawn(args, size, malloc, samples)
-        rows.append(r)
-        label = "tuned" if malloc else "default"
-        print(f"{size:>5} {label:>8} {r['toolkit']:>9.1f} {r['bare']:>9.1f} {r['ratio']:>7.2f}", flush=True)
-    default, tuned = rows[1], rows[2]
-    print(f"tune_malloc at 128 px: toolkit loop {tuned['toolkit'] / default['toolkit']:.2f}x, "
-          f"bare loop {tuned['bare'] / default['bare']:.2f}x")
+    if "train" not in skip:
+        print("\n1. training slices/s: train's loop (mmap store -> batches -> device transform -> accelerate -> "
+              "train_one_epoch) vs a bare timm loop on one of its batches")
+        print(f"{'px':>5} {'toolkit':>9} {'bare':>9} {'ratio':>7}  (goal >= 0.95 at 64 px)")
+        for size in (64, 128):
+            samples = args.samples or (512 if size <= 64 else 256)
+            r = _spawn(args, "train", "--size", str(size), "--samples", str(samples))
+            print(f"{size:>5} {r['toolkit']:>9.1f} {r['bare']:>9.1f} {r['ratio']:>7.2f}", flush=True)
+        policy = "passive" if r["runtime"]["omp_passive"] else "default (spin, then sleep)"
+        print(f"OpenMP wait policy chosen at start: {policy}; tune_malloc: {r['runtime']['malloc']}")
 
-    inf = measure_inference(args.model, args.inference_size, args.folds)
-    print(f"\nstudy-level inference: 64-slice series ({STORE_SIZE} px) through {inf['models']} models "
-          f"(5 organs x {args.folds} folds) at {inf['image_size']} px on CPU: "
-          f"load {inf['load_s']:.1f} s, predict {inf['predict_s']:.1f} s ({inf['slices_per_s']:.0f} slice-model/s)")
+    if "fold" not in skip:
+        r = _spawn(args, "fold", "--organ", args.organ, "--folds", str(args.folds), "--epochs", str(args.epochs))
+        st = r["settings"]
+        print(f"\n2. where a fold's time goes: {r['organ']} at the demo's settings ({r['image_size']} px, epoch_size "
+              f"{st['epoch_size']}, batch {st['batch_size']}, {r['epochs']} epochs, trainable_blocks "
+              f"{st['trainable_blocks']}, {r['folds']} folds; 120 train + 120 test patients x 16 slices)")
+        rows, ratio = fold_table(r)
+        fold_wall = dict(rows)["folds, wall"]
+        print(f"{'stage':<52}{'seconds':>9}{'share':>8}")
+        for name, sec in rows:
+            print(f"{name:<52}{sec:>9.1f}{100 * sec / fold_wall:>7.0f}%")
+        print(f"fold wall time / training steps: {ratio:.2f} (goal <= 1.3); train_run in all {r['total']:.1f} s")
+
+    if "predict" not in skip:
+        print("\n3. toolkit predict, one 64-slice study (read DICOM, load every fold model, score, aggregate)")
+        for case in ("default-224", "demo"):
+            r = _spawn(args, "predict", "--case", case)
+            sizes = "/".join(str(s) for s in r["image_sizes"])
+            print(f"  {case:<12} 5 organs x {r['folds']} folds at {sizes} px, {r['n_slices']} slices scored: "
+                  f"{r['second_s']:.1f} s per study (first study {r['first_s']:.1f} s)", flush=True)
+        print("  goal: 15 s or less per study with the demo's settings")
+    print(f"\nload average at the end: {_load()}")
 
 
 if __name__ == "__main__":

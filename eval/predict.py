@@ -204,6 +204,8 @@ def predict_study(
         raise ToolkitError(f"study folder {study} does not exist; give a folder of one series' DICOM files")
     chosen = choose_runs(ws, run)
     store_meta = _store_meta(ws)
+    # Each organ reads the series once per (size, slices, crop) and is segmented once per localizer; every
+    # fold model of an organ then scores its slices or crops in large batches (predict_probs).
     series_cache: dict[tuple[int, int, bool], tuple[np.ndarray, Any]] = {}
     seg_cache: dict[tuple[Any, ...], dict[str, np.ndarray]] = {}
     organs: dict[str, Any] = {}

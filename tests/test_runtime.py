@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _python(script: str, **env: str) -> str:
-    clean = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    clean = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     result = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(script)],
         cwd=ROOT,
@@ -29,6 +29,7 @@ def _python(script: str, **env: str) -> str:
 
 CLI_START = """
     import os, sys
+    os.getloadavg = lambda: ({load}, 0.0, 0.0)  # the machine's load at start decides the policy
     sys.argv = ["toolkit", "--version"]
     from toolkit.cli import main
     try:
@@ -40,12 +41,18 @@ CLI_START = """
 """
 
 
-def test_cli_start_sets_passive_openmp_before_torch_loads() -> None:
-    assert _python(CLI_START).splitlines()[-1] == "False PASSIVE"
+def test_cli_start_sets_passive_openmp_before_torch_loads_on_a_busy_machine() -> None:
+    busy = 2.0 * (os.cpu_count() or 1)
+    assert _python(CLI_START.format(load=busy)).splitlines()[-1] == "False PASSIVE"
+
+
+def test_cli_start_keeps_openmps_default_on_an_idle_machine() -> None:
+    assert _python(CLI_START.format(load=0.0)).splitlines()[-1] == "False None"
 
 
 def test_cli_start_keeps_the_users_openmp_policy() -> None:
-    assert _python(CLI_START, OMP_WAIT_POLICY="ACTIVE").splitlines()[-1] == "False ACTIVE"
+    busy = 2.0 * (os.cpu_count() or 1)
+    assert _python(CLI_START.format(load=busy), OMP_WAIT_POLICY="ACTIVE").splitlines()[-1] == "False ACTIVE"
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt is glibc (Linux) only")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 
@@ -13,7 +14,8 @@ from safetensors.torch import save_file
 
 from toolkit.config import load_config
 from toolkit.errors import ToolkitError
-from train.inference import aggregate_patient, load_fold_models, predict_probs
+from train.data import resize_hu
+from train.inference import aggregate_patient, fold_batchnorm, load_fold_models, predict_probs
 from train.model import (
     create_classifier,
     load_classifier,
@@ -110,6 +112,64 @@ def test_checkpoint_round_trip_and_ensemble_inference(tmp_path: Path) -> None:
     assert not np.allclose(probs[0], probs[1])
     with pytest.raises(ToolkitError, match="no classifier checkpoint"):
         load_classifier(tmp_path / "nothing")
+
+
+def test_predict_probs_scores_like_the_trained_model_itself() -> None:
+    """Folding batch norms and going channels-last for inference must not change a probability."""
+    torch.manual_seed(1)
+    model = create_classifier(_cfg(trainable_blocks=-1))
+    with torch.no_grad():  # batch norms with statistics and affine maps far from the identity
+        for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+            bn.running_mean.normal_(0.0, 0.5)
+            bn.running_var.uniform_(0.3, 3.0)
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.normal_(0.0, 0.3)
+        model.get_classifier().weight.normal_(0.0, 0.5)  # logits that differ between slices
+    model.eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    levels = np.linspace(-150, 250, 7)[:, None, None]  # from darker to brighter than the window's centre
+    hu = (np.random.default_rng(1).normal(0, 100, size=(7, 48, 48)) + levels).astype(np.int16)
+    probs = predict_probs([model], hu, [[40, 400]], 32, device="cpu", batch_size=3)[0]
+
+    x = torch.from_numpy(resize_hu(hu, 32)).float().unsqueeze(1)
+    x = ((x + 160.0) / 400.0).clamp(0.0, 1.0)  # the window [40, 400]: -160 to 240 HU
+    mean, std = model.pretrained_cfg["mean"][0], model.pretrained_cfg["std"][0]
+    with torch.no_grad():
+        logits = model((x - mean) / std)[:, 0]
+        folded = fold_batchnorm(model)  # what predict_probs scores with when there are many slices
+        folded_logits = folded((x - mean) / std)[:, 0]
+    expected = torch.sigmoid(logits).numpy()
+    assert np.abs(probs - expected).max() < 1e-5 and expected.std() > 1e-3
+    assert (folded_logits - logits).abs().max() < 1e-4 and logits.std() > 1e-2
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    # The caller's model is untouched (its weights still hold the unfolded batch norms).
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_frozen_twin_trains_the_model_itself() -> None:
+    """Backpropagating through the twin with frozen batch norms folded gives the model's own weights
+    the gradients that backpropagating through the model gives them."""
+    from timm.layers import FrozenBatchNormAct2d
+
+    torch.manual_seed(2)
+    model = create_classifier(_cfg(trainable_blocks=2))
+    with torch.no_grad():  # frozen statistics far from the identity, so folding them matters
+        for bn in (m for m in model.modules() if isinstance(m, FrozenBatchNormAct2d)):
+            bn.running_var.uniform_(0.3, 3.0)
+            bn.weight.uniform_(0.5, 1.5)
+    other = copy.deepcopy(model)
+    twin = fold_batchnorm(other, frozen_only=True)
+    assert not any(isinstance(m, FrozenBatchNormAct2d) for m in twin.modules())
+    x, y = torch.randn(16, 1, 64, 64), torch.tensor([0.0, 1.0] * 8)
+    for trained in (model, twin):
+        trained.train()
+        torch.nn.functional.binary_cross_entropy_with_logits(trained(x)[:, 0], y).backward()
+    ours = [p.grad for p in model.parameters() if p.requires_grad]
+    theirs = [p.grad for p in other.parameters() if p.requires_grad]
+    assert len(ours) > 10 and all(g is not None for g in theirs)
+    scale = max(float(g.abs().max()) for g in ours)  # rounding differs; the gradients must not
+    assert max(float((a - b).abs().max()) for a, b in zip(ours, theirs, strict=True)) < 1e-4 * scale
+    assert all(p.grad is None for p in other.parameters() if not p.requires_grad)
 
 
 def test_aggregate_patient() -> None:
