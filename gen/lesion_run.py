@@ -135,7 +135,11 @@ def generate_lesions(
     rng = np.random.default_rng(cfg.seed)
 
     # Which healthy crop gets which lesion: sources evenly, classes evenly over the injured classes.
-    sources = choose_sources(eligible_sources(labels, organ_masks), n, rng)
+    # Sources come from healthy patients only: a healthy crop of an injured patient (the organ's edge) may
+    # show the injury, and its twin is trained on as healthy.
+    healthy_patient = crops.table[f"{organ}_patient"].to_numpy()[rows] == 0
+    eligible = eligible_sources(labels, organ_masks)
+    sources = choose_sources(eligible[healthy_patient[eligible]], n, rng)
     classes = 1 + np.arange(n) % (len(names) - 1)
     plan = plan_lesions(organ, organ_masks, sources, classes, names, rng, spacing, lcfg)
     method = fill_name(cfg)

@@ -70,3 +70,56 @@ def test_lesion_mode_is_refused_for_an_organ_without_crops(workspace: Workspace)
 
     with pytest.raises(ContractError, match="gen.mode=lesion draws injuries into organ crops"):
         generate(workspace, lesion_config(), "bowel")
+
+
+class SyntheticDraws(test_crops.TrainHooks):
+    """The synthetic images each (fold, epoch) trained on, and the epoch plans."""
+
+    def __init__(self) -> None:
+        self.images: dict[int, list[np.ndarray]] = {}
+        self.plans: list[tuple[np.ndarray, np.ndarray]] = []
+
+    def on_train_epoch(self, organ, fold, epoch, dataset):
+        syn = dataset.plan.source == 1
+        self.plans.append((np.asarray(dataset.plan.source), np.asarray(dataset.plan.label)))
+        self.images.setdefault(fold, []).append(dataset.synthetic.numpy()[dataset.plan.index[syn]])
+
+
+def test_train_with_a_lesion_set_never_trains_on_a_validation_patients_anatomy(workspace: Workspace) -> None:
+    from gen.run import generate
+    from train.run import merged_folds, train_run
+
+    syn = SyntheticSet.load(generate(workspace, lesion_config(), "liver"))
+    crops = load_crop_set(workspace.store_dir, "liver")
+    # Each synthetic image (lesion crop or its healthy twin) -> the patient whose anatomy it is.
+    owner = {syn.slices.images[i].tobytes(): p for i, p in enumerate(syn.source_patients)}
+    pairs = zip(syn.source_rows, syn.source_patients, strict=True)
+    owner.update({np.asarray(crops.images[r]).tobytes(): p for r, p in pairs})
+    hooks = SyntheticDraws()
+    cfg = lesion_config(synthetic_ratio=0.5, synthetic_pairs=True, batch_size=8)
+    train_run(workspace, cfg, organs=["liver"], hooks=hooks)
+    fold_of = merged_folds(crops.table, 2)
+    for fold, epochs in hooks.images.items():
+        validated = set(crops.table["patient_id"][fold_of == fold])
+        drawn = {owner[img.tobytes()] for images in epochs for img in images}
+        assert drawn and not drawn & validated, f"fold {fold} trained on a lesion drawn into a validation patient"
+    # Pairs: every synthetic injured sample sits beside a synthetic healthy one, in the same batch of 8.
+    source, label = hooks.plans[0]
+    units = source.reshape(-1, 2)
+    assert ((units[:, 0] == 1) == (units[:, 1] == 1)).all()
+    assert (np.sort(label.reshape(-1, 2)[units[:, 0] == 1], axis=1) == [0.0, 1.0]).all()
+
+
+def test_r0_is_the_same_with_pairs_on_and_a_size_mismatch_is_refused(workspace: Workspace) -> None:
+    from gen.run import generate
+    from train.run import train_run
+
+    off = train_run(workspace, lesion_config(), name="off", organs=["liver"])
+    on = train_run(workspace, lesion_config(synthetic_pairs=True), name="on", organs=["liver"])
+    for table in ("oof.csv", "test_folds.csv"):
+        assert (off / "liver" / table).read_bytes() == (on / "liver" / table).read_bytes()
+    small = load_config("default", {**lesion_config().to_dict(), "gen": {"mode": "lesion", "image_size": 16,
+                                                                         "n": 16}})
+    generate(workspace, small, "liver")
+    with pytest.raises(ContractError, match=r"made at 16 px .* trains at 32 px"):
+        train_run(workspace, lesion_config(synthetic_ratio=0.5), name="mismatch", organs=["liver"])

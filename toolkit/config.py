@@ -381,6 +381,10 @@ class TrainConfig:
     # Upsample a synthetic set generated at another size than train.image_size (else refused); the run
     # records it. A set made with another HU window is always refused.
     synthetic_resize: bool = False
+    # A lesion set (gen --mode lesion): draw each synthetic injured crop beside its healthy source in the same
+    # batch (adjacent in the epoch's order; an even batch_size keeps every pair whole). Off: the synthetic
+    # healthy samples are the sources drawn on their own. r = 0 draws no synthetic sample either way.
+    synthetic_pairs: bool = False
     # Share of real healthy samples drawn from the series levels where the injured slices are
     # (hard negatives that show the organ); the rest uniform. See train/balancer.py.
     matched_negatives: float = setting(0.5, ge=0.0, le=1.0)
