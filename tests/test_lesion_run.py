@@ -7,6 +7,7 @@ never trains on a lesion drawn into one of its validation patients.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -103,6 +104,13 @@ def test_train_with_a_lesion_set_never_trains_on_a_validation_patients_anatomy(w
         validated = set(crops.table["patient_id"][fold_of == fold])
         drawn = {owner[img.tobytes()] for images in epochs for img in images}
         assert drawn and not drawn & validated, f"fold {fold} trained on a lesion drawn into a validation patient"
+    # Explain: the share of Grad-CAM mass inside the inserted lesion masks, beside their area share.
+    from eval.explain import explain_runs
+
+    small = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, explain_slices=4))
+    summary = explain_runs(workspace, small, ["synthetic-0.5"], "liver")["summary"]["synthetic-0.5"]
+    assert summary["lesion_n"] == 4 and 0.0 <= summary["lesion_mass_share"] <= 1.0
+    assert 0.0 < summary["lesion_area_share"] < 1.0 and summary["lesion_generator_id"] == syn.generator_id
     # Pairs: every synthetic injured sample sits beside a synthetic healthy one, in the same batch of 8.
     source, label = hooks.plans[0]
     units = source.reshape(-1, 2)
@@ -123,3 +131,11 @@ def test_r0_is_the_same_with_pairs_on_and_a_size_mismatch_is_refused(workspace: 
     generate(workspace, small, "liver")
     with pytest.raises(ContractError, match=r"made at 16 px .* trains at 32 px"):
         train_run(workspace, lesion_config(synthetic_ratio=0.5), name="mismatch", organs=["liver"])
+
+
+def test_a_study_arm_of_mode_lesion_makes_its_generator_in_lesion_mode() -> None:
+    from study.plan import Arm
+    from study.run import generator_config
+
+    cfg = generator_config(lesion_config(), Arm(0.5, 0.5, "lesion", "gan"))
+    assert (cfg.gen.mode, cfg.gen.model) == ("lesion", "gan")
