@@ -101,4 +101,6 @@ def gen(
     import json
 
     summary = json.loads((out / "audit.json").read_text())["summary"]
-    console.print(f"wrote {out} (slices, grid.png, audit.json, loss.csv, checkpoint/)\naudit: {summary}")
+    written = "lesion crops + masks" if cfg.gen.mode == "lesion" else "slices"
+    extra = "" if cfg.gen.mode == "lesion" and cfg.gen.lesion.fill == "procedural" else ", loss.csv, checkpoint/"
+    console.print(f"wrote {out} ({written}, grid.png, audit.json{extra})\naudit: {summary}")
