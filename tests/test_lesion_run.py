@@ -139,3 +139,20 @@ def test_a_study_arm_of_mode_lesion_makes_its_generator_in_lesion_mode() -> None
 
     cfg = generator_config(lesion_config(), Arm(0.5, 0.5, "lesion", "gan"))
     assert (cfg.gen.mode, cfg.gen.model) == ("lesion", "gan")
+
+
+def test_a_model_fill_trains_the_lesion_gan_and_keeps_the_source(workspace: Workspace) -> None:
+    from gen.run import generate
+
+    gen = {"mode": "lesion", "model": "gan", "image_size": CROP, "n": 8, "train_steps": 2, "batch_size": 8,
+           "checkpoint_every": 2, "audit_feature_epochs": 1, "gan": {"ngf": 8, "ndf": 8, "z_dim": 8},
+           "lesion": {"fill": "model", "gan_masks_per_source": 1}}
+    cfg = load_config("default", {**tiny_config().to_dict(), "gen": gen})
+    out = generate(workspace, cfg, "liver")
+    syn = SyntheticSet.load(out)
+    crops = load_crop_set(workspace.store_dir, "liver")
+    masks, src = np.asarray(syn.lesion_masks), np.asarray(crops.images)[syn.source_rows]
+    np.testing.assert_array_equal(syn.slices.images[~masks], src[~masks])
+    assert syn.backend == "gan" and "-gan-" in syn.generator_id and (out / "loss.csv").exists()
+    again = SyntheticSet.load(generate(workspace, cfg, "liver", force=True))
+    np.testing.assert_array_equal(again.slices.images, syn.slices.images)
