@@ -289,6 +289,34 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def lesion_localisation(
+    models: list[nn.Module], synthetic: Any, windows: list, image_size: int, n: int, seed: int
+) -> dict[str, Any]:
+    """Grad-CAM mass inside the inserted lesion masks of up to ``n`` synthetic injured crops (a lesion set).
+
+    Does the classifier look at the lesion drawn into a healthy crop? ``lesion_mass_share`` is the mean
+    share of the heat inside the lesion mask, beside ``lesion_area_share`` (the share a uniform map gets).
+
+    Parameters
+    ----------
+    synthetic : toolkit.artifacts.synthetic.SyntheticSet
+        Mode ``lesion``, with ``lesion_masks`` of shape (N, S, S).
+    """
+    rng = np.random.default_rng(seed)
+    rows = np.sort(rng.permutation(len(synthetic))[: int(n)])
+    hu = np.asarray(synthetic.slices.images[rows])
+    masks = nearest_resize(np.asarray(synthetic.lesion_masks[rows], dtype=np.uint8), image_size) > 0
+    cams = gradcam_maps(models, windowed_inputs(hu, windows, image_size))
+    found = [localisation(cams[i], masks[i]) for i in range(len(rows))]
+    return {
+        "lesion_n": sum(1 for f in found if f["mass_share"] is not None),
+        "lesion_mass_share": _mean([f["mass_share"] for f in found]),
+        "lesion_area_share": _mean([f["area_share"] for f in found if f["mass_share"] is not None]),
+        "lesion_pointing_hit": _mean([f["hit"] for f in found]),
+        "lesion_generator_id": synthetic.generator_id,
+    }
+
+
 # --------------------------------------------------------------------------- figures
 
 
@@ -444,6 +472,14 @@ def explain_runs(
             "one at a time"
         )
     record = next(iter(records.values()))
+    lesions = None  # the organ's lesion set, if gen --mode lesion wrote one for these crops
+    syn_dir = ws.synthetic_dir(organ)
+    if record["input"] == "crops" and (syn_dir / "manifest.csv").exists():
+        from toolkit.artifacts.synthetic import SyntheticSet
+
+        found = SyntheticSet.load(syn_dir)
+        same_crops = found.provenance.get("input_id") == record.get("crop_id")
+        lesions = found if found.mode == "lesion" and same_crops else None
     crops: CropSet | None = None
     if record["input"] == "crops":
         crops = load_crop_set(ws.store_dir, organ)
@@ -507,6 +543,9 @@ def explain_runs(
             title = f"{run.name} | {organ} label {rec['label']} | p={rec['prob']:.2f}"
             _overlay_png(out / name, ct[i], cams[i], truth[i], title)
         summary[run.name] = summarise(records)
+        if lesions is not None:
+            summary[run.name].update(lesion_localisation(models, lesions, windows, image_size,
+                                                         int(cfg.eval.explain_slices), cfg.seed))
         (out / "explain.json").write_text(
             json.dumps({"run": run.name, "organ": organ, "summary": summary[run.name], "slices": records}, indent=2)
         )

@@ -39,6 +39,11 @@ def gen(
         str | None,
         typer.Option("--model", help="Generator: diffusion (default, best) or gan (fast on a CPU)."),
     ] = None,
+    mode: Annotated[
+        str | None,
+        typer.Option("--mode", help="image: whole generated slices/crops (default) | lesion: injuries drawn into real "
+                     "healthy training crops (gen.lesion.fill procedural or model)."),
+    ] = None,
     n: Annotated[int | None, typer.Option("--n", help="Synthetic slices to write, split evenly over classes.")] = None,
     steps: Annotated[int | None, typer.Option("--steps", help="Training steps (gen.train_steps).")] = None,
     image_size: Annotated[
@@ -60,7 +65,13 @@ def gen(
     synthetic), audit.json (Frechet distance, HU histogram, diversity, near-copies of training slices,
     which the trainer leaves out), loss.csv, train_patients.csv, config.yaml and a resumable checkpoint/.
 
-    Examples: toolkit gen -w ws --organ liver | toolkit gen -w ws --organ all --model gan --n 1000
+    --mode lesion draws injuries (laceration, hematoma, infarct...) into healthy TRAINING crops of kidney, liver
+    or spleen inside their organ mask: procedural fill by default, --set gen.lesion.fill=model for the
+    backend's inpainting; writes the injured crops with their source crop and lesion mask (counterfactual
+    pairs), grid.png (source | mask | injured) and audit.json (realism AUC, contrast, filter, near copies).
+
+    Examples: toolkit gen -w ws --organ liver | toolkit gen -w ws --organ all --model gan --n 1000 |
+    toolkit gen -w ws --organ liver --mode lesion
     """
     from gen.data import check_organ
     from gen.run import generate, generate_all
@@ -71,7 +82,7 @@ def gen(
         workdir,
         config,
         sets,
-        {"gen": {"model": model, "train_steps": steps, "image_size": image_size}},
+        {"gen": {"model": model, "mode": mode, "train_steps": steps, "image_size": image_size}},
         seed,
     )
     if organ == "all":
@@ -90,4 +101,6 @@ def gen(
     import json
 
     summary = json.loads((out / "audit.json").read_text())["summary"]
-    console.print(f"wrote {out} (slices, grid.png, audit.json, loss.csv, checkpoint/)\naudit: {summary}")
+    written = "lesion crops + masks" if cfg.gen.mode == "lesion" else "slices"
+    extra = "" if cfg.gen.mode == "lesion" and cfg.gen.lesion.fill == "procedural" else ", loss.csv, checkpoint/"
+    console.print(f"wrote {out} ({written}, grid.png, audit.json{extra})\naudit: {summary}")

@@ -16,6 +16,7 @@ Output folder::
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -54,6 +55,12 @@ def generator_id(organ: str, cfg: Config, split_hash: str, patients_hash: str, i
     ``"slices"`` or the crop id of the organ's crop set.
     """
     gen = {k: v for k, v in gen_settings(cfg.gen, cfg.gen.model).items() if k not in _NOT_IN_ID}
+    gen.pop("mode", None)  # ids of image-mode generators stay what they were
+    if cfg.gen.mode == "lesion":  # the lesion settings shape the set; a procedural fill has no backend
+        gen["mode"] = "lesion"
+        gen["lesion"] = dataclasses.asdict(cfg.gen.lesion)
+        if cfg.gen.lesion.fill == "procedural":
+            gen = {k: gen[k] for k in ("mode", "lesion", "image_size", "conditioning") if k in gen}
     key = {
         "organ": organ,
         "gen": gen,
@@ -65,7 +72,8 @@ def generator_id(organ: str, cfg: Config, split_hash: str, patients_hash: str, i
     if input_id != "slices":  # ids of generators learnt from slices stay what they were
         key["input_id"] = input_id
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
-    return f"{organ}-{cfg.gen.model}-{digest[:8]}"
+    name = "procedural" if cfg.gen.mode == "lesion" and cfg.gen.lesion.fill == "procedural" else cfg.gen.model
+    return f"{organ}-{name}-{digest[:8]}"
 
 
 def _balanced_labels(n: int, n_classes: int) -> np.ndarray:
@@ -139,6 +147,8 @@ def generate(
     store = SliceSet.load(ws.store_dir)
     # Kidney, liver and spleen learn their organ crops (gen.input crops); the others the stored slices.
     input_id, source = "slices", store
+    if cfg.gen.mode == "lesion":
+        return _generate_lesions(ws, cfg, organ, store, n, resume, force, reporter, train_patients)
     if reads_crops(cfg.gen.input, organ, cfg.crop.organs):
         crops = load_crop_set(ws.store_dir, organ)
         if cfg.gen.image_size > crops.size:
@@ -250,6 +260,37 @@ def generate(
         provenance=provenance,
     ).save(out, force=True)
     return out
+
+
+def _generate_lesions(
+    ws: Workspace,
+    cfg: Config,
+    organ: str,
+    store: SliceSet,
+    n: int,
+    resume: bool,
+    force: bool,
+    reporter: Reporter,
+    train_patients: Collection[int] | None,
+) -> Path:
+    """``gen.mode=lesion``: draw injuries into the organ's healthy training crops (:mod:`gen.lesion_run`)."""
+    from gen.lesion_run import generate_lesions, lesion_training_rows
+
+    if not reads_crops(cfg.gen.input, organ, cfg.crop.organs):
+        raise ContractError(
+            f"gen.mode=lesion draws injuries into organ crops, which {organ} does not have with gen.input="
+            f"{cfg.gen.input}; use --mode image for {organ}, or one of {', '.join(cfg.crop.organs)} with "
+            "gen.input=crops"
+        )
+    crops = load_crop_set(ws.store_dir, organ)
+    rows, _, _ = lesion_training_rows(crops, organ, cfg, train_patients)
+    patients = crops.table["patient_id"].to_numpy()[rows]
+    gid = generator_id(organ, cfg, str(store.meta.get("split_hash", "")), train_patients_hash(patients),
+                       crops.crop_id)
+    out = ws.synthetic_dir(organ)
+    _prepare_output(out, organ, resume, force)
+    return generate_lesions(ws, cfg, organ, crops, store, out, n, gid, resume=resume, reporter=reporter,
+                            train_patients=train_patients)
 
 
 def generate_all(

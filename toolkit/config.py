@@ -293,6 +293,10 @@ class LesionGenConfig:
         keys=LESION_KINDS,
         check=_range_expectation,
     )
+    # What fills the lesion masks: procedural (organ-matched texture at the configured contrasts, no training;
+    # the knowledge-driven baseline, seconds on a CPU) | model (the gen.model backend's lesion mode: RePaint
+    # with the diffusion UNet, or the inpainting GAN; trained first).
+    fill: str = setting("procedural", choices=("procedural", "model"))
     # Procedural fill: width of the feathered rim inside the lesion (outside it the crop is unchanged).
     edge_mm: float = setting(1.0, ge=0.0)
     # Diffusion inpainting (RePaint, Lugmayr et al. CVPR 2022): denoising steps, jump length j and the
@@ -317,6 +321,9 @@ class GenConfig:
 
     # diffusion | gan: the backend, whose section below applies
     model: str = setting("diffusion", choices=("diffusion", "gan"))
+    # image: whole generated slices or crops | lesion: injuries drawn into real healthy training crops (crop
+    # organs only; gen.lesion says how), each kept with its source crop and lesion mask
+    mode: str = setting("image", choices=MODES)
     # crops: kidney, liver and spleen generators learn the organ's crop set (store/crops/<organ>/, toolkit
     # crop; the other organs the stored slices); slices: every organ learns whole stored slices.
     input: str = setting("crops", choices=INPUTS)
@@ -374,6 +381,10 @@ class TrainConfig:
     # Upsample a synthetic set generated at another size than train.image_size (else refused); the run
     # records it. A set made with another HU window is always refused.
     synthetic_resize: bool = False
+    # A lesion set (gen --mode lesion): draw each synthetic injured crop beside its healthy source in the same
+    # batch (adjacent in the epoch's order; an even batch_size keeps every pair whole). Off: the synthetic
+    # healthy samples are the sources drawn on their own. r = 0 draws no synthetic sample either way.
+    synthetic_pairs: bool = False
     # Share of real healthy samples drawn from the series levels where the injured slices are
     # (hard negatives that show the organ); the rest uniform. See train/balancer.py.
     matched_negatives: float = setting(0.5, ge=0.0, le=1.0)

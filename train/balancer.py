@@ -44,6 +44,14 @@ Organ crops carry a soft target per slice (patient label x organ visibility, see
 each real sample its ``real_targets`` value as the training target (the loss is BCE with soft
 targets); synthetic samples keep their class.
 
+Counterfactual pairs
+--------------------
+A lesion set (``gen --mode lesion``) pairs every synthetic injured crop with its healthy source crop. With
+``synthetic_pairs`` (``train.synthetic_pairs``) the synthetic healthy samples of an epoch are the twins of
+its synthetic injured samples, and each twin sits next to its injured crop in the epoch's order (all samples
+go in twos, so an even batch size keeps every pair in one batch): the classifier sees the same anatomy with
+and without the lesion in one step. ``r = 0`` draws no synthetic sample, so its plan does not change.
+
 Sampling uses ``np.random.default_rng([seed, fold, epoch])``: the plan of an epoch
 depends on nothing else, which makes interrupted runs resume exactly.
 """
@@ -182,6 +190,9 @@ class Balancer:
         Share ``h`` of the real healthy samples drawn position-matched to the injured slices.
     real_targets : ndarray of shape (n_real,), optional
         Soft training target of each real row, in [0, 1]; default: its binary label.
+    synthetic_pairs : ndarray of shape (n_synthetic,), optional
+        For each injured synthetic position, the position of its healthy twin in the pool (-1 for
+        healthy positions): draw pairs together (see "Counterfactual pairs" above).
     """
 
     def __init__(
@@ -200,6 +211,7 @@ class Balancer:
         real_position: np.ndarray | None = None,
         matched_negatives: float = 0.0,
         real_targets: np.ndarray | None = None,
+        synthetic_pairs: np.ndarray | None = None,
     ) -> None:
         if not 0.0 <= ratio <= 1.0:
             raise ToolkitError(f"train.synthetic_ratio must lie in [0, 1], got {ratio}")
@@ -224,6 +236,7 @@ class Balancer:
         self.fold = int(fold)
         self.organ = organ
         self.real_per_class, self.synthetic_per_class = split_counts(self.epoch_size, self.ratio)
+        self._twin: np.ndarray | None = None
 
         if not 0.0 <= matched_negatives <= 1.0:
             raise ToolkitError(f"train.matched_negatives must lie in [0, 1], got {matched_negatives}")
@@ -267,10 +280,19 @@ class Balancer:
                 (SYNTHETIC, 0, [(pool["healthy"], self.synthetic_per_class)]),
                 (SYNTHETIC, 1, [(pool["injured"], self.synthetic_per_class)]),
             ]
+            if synthetic_pairs is not None:
+                twins = np.asarray(synthetic_pairs, dtype=np.int64)
+                if len(twins) != len(syn) or (twins[syn] < 0).any() or syn[twins[syn]].any():
+                    raise ToolkitError(
+                        f"balancer: synthetic_pairs must give every injured synthetic {organ} crop a healthy twin"
+                    )
+                self._twin = twins
 
     def plan(self, epoch: int) -> EpochPlan:
         """The shuffled samples of ``epoch`` (depends only on seed, fold and epoch)."""
         rng = np.random.default_rng([self.seed, self.fold, int(epoch)])
+        if self._twin is not None:
+            return self._paired_plan(rng)
         sources, indices, labels = [], [], []
         for source, label, strata in self._classes:
             drawn = np.concatenate([_draw(rng, candidates, m) for candidates, m in strata])
@@ -286,3 +308,27 @@ class Balancer:
             index=np.concatenate(indices)[order],
             label=np.concatenate(labels)[order],
         )
+
+    def _paired_plan(self, rng: np.random.Generator) -> EpochPlan:
+        """The plan with counterfactual pairs: injured synthetic draws, their twins, order in units of two."""
+        real_index, real_label = [], []
+        injured = np.zeros(0, np.int64)
+        for source, label, strata in self._classes:
+            if source == SYNTHETIC:
+                if label == 1:
+                    injured = np.concatenate([_draw(rng, candidates, m) for candidates, m in strata])
+                continue
+            drawn = np.concatenate([_draw(rng, candidates, m) for candidates, m in strata])
+            real_index.append(drawn)
+            real_label.append(self._target_of.loc[drawn].to_numpy(np.float32))
+        twin = self._twin if self._twin is not None else np.zeros(0, np.int64)
+        shuffle = rng.permutation(sum(len(r) for r in real_index))  # real samples pair off at random
+        reals, real_targets = np.concatenate(real_index)[shuffle], np.concatenate(real_label)[shuffle]
+        n_real, m = len(reals), len(injured)
+        # Units of two positions: real samples paired off at random, and each (injured, twin) pair.
+        source = np.concatenate([np.full(n_real, REAL), np.tile([SYNTHETIC, SYNTHETIC], m)]).astype(np.int8)
+        index = np.concatenate([reals, np.stack([injured, twin[injured]], axis=1).ravel()])
+        label = np.concatenate([real_targets, np.tile(np.array([1.0, 0.0], np.float32), m)])
+        units = rng.permutation(len(index) // 2)
+        order = np.stack([2 * units, 2 * units + 1], axis=1).ravel()
+        return EpochPlan(source=source[order], index=index[order], label=label[order])

@@ -179,12 +179,36 @@ def check_crop_sizes(organ_cfgs: dict[str, Config], crop_sets: dict[str, CropSet
 # ------------------------------------------------------------------ synthetic pool
 @dataclass
 class SyntheticPool:
-    """The usable synthetic slices of one organ (near copies removed), resized for training."""
+    """The usable synthetic slices of one organ (near copies removed), resized for training.
+
+    A lesion set's pool holds its injured crops followed by their healthy source crops (read from the
+    organ's crop set): ``source_patients`` says whose anatomy each row is, ``twins`` pairs them.
+    """
 
     images: np.ndarray  # (n, S, S) int16 HU
     labels: np.ndarray  # (n,) int64
     near_copy_fraction: float
     info: dict[str, Any]  # generator_id, synthetic_dir, audit (run.json "generators")
+    source_patients: np.ndarray | None = None  # (n,) int64, lesion sets only
+    twins: np.ndarray | None = None  # (n,) int64: injured row -> its healthy source's row, -1 elsewhere
+
+    def for_patients(self, patients: np.ndarray) -> SyntheticPool:
+        """The rows drawn into ``patients``' anatomy only (a fold's training patients); an image pool as it is.
+
+        A lesion crop is its source patient's data: a fold must not train on one whose source patient it
+        validates on (or tests on), so rows of other patients are dropped, twins renumbered.
+        """
+        if self.source_patients is None:
+            return self
+        keep = np.isin(self.source_patients, np.asarray(patients))
+        new_row = np.full(len(keep), -1, np.int64)
+        new_row[keep] = np.arange(int(keep.sum()))
+        twins = None
+        if self.twins is not None:
+            old = self.twins[keep]
+            twins = np.where(old >= 0, new_row[np.maximum(old, 0)], -1)
+        return dataclasses.replace(self, images=self.images[keep], labels=self.labels[keep],
+                                   source_patients=self.source_patients[keep], twins=twins)
 
 
 def load_synthetic_pool(
@@ -196,10 +220,15 @@ def load_synthetic_pool(
     allow_resize: bool = False,
     reporter: Reporter | None = None,
     input_id: str = "slices",
+    crops: CropSet | None = None,
 ) -> SyntheticPool:
     """Read ``synthetic/<organ>/`` and refuse a set made for another split, window, input (``input_id``:
     ``"slices"`` or the crop id the classifier reads) or (unless ``allow_resize``, i.e.
-    ``train.synthetic_resize``) image size; see ``SyntheticSet.check_compatible``."""
+    ``train.synthetic_resize``) image size; see ``SyntheticSet.check_compatible``.
+
+    A lesion set (mode ``lesion``) needs the organ's crop set ``crops``: its healthy class is the source
+    crops of its injured ones (the counterfactual twins), appended after them.
+    """
     directory = ws.synthetic_dir(organ)
     if not (directory / MANIFEST_FILE).exists():
         raise ToolkitError(
@@ -209,7 +238,7 @@ def load_synthetic_pool(
     synthetic = SyntheticSet.load(directory)
     resize = synthetic.check_compatible(
         organ=organ, split_hash=split_hash, windows=windows, image_size=image_size, allow_resize=allow_resize,
-        input_id=input_id,
+        input_id=input_id, mode=synthetic.mode,
     )
     near = synthetic.near_copy
     keep = np.flatnonzero(~near)
@@ -217,6 +246,7 @@ def load_synthetic_pool(
     info = {
         "generator_id": synthetic.generator_id,
         "synthetic_dir": str(directory),
+        "mode": synthetic.mode,
         "audit": json.loads(audit_path.read_text()) if audit_path.exists() else None,
     }
     if resize:
@@ -225,11 +255,26 @@ def load_synthetic_pool(
             f"{organ}: synthetic slices made at {synthetic.image_size} px are resized to {image_size} px "
             "for training (train.synthetic_resize)"
         )
+    images = resize_hu(synthetic.slices.images, image_size, keep)
+    labels = (synthetic.classes[keep] > 0).astype(np.int64)
+    near_fraction = float(near.mean()) if len(near) else 0.0
+    if synthetic.mode != "lesion":
+        return SyntheticPool(images=images, labels=labels, near_copy_fraction=near_fraction, info=info)
+    if crops is None:
+        raise ContractError(f"synthetic set {directory} holds lesion crops but this run's {organ} classifier reads "
+                            "no crop set (train.input=crops); re-run `toolkit gen` with --mode image")
+    source_rows = synthetic.source_rows[keep]
+    sources, twin_of = np.unique(source_rows, return_inverse=True)
+    n = len(keep)
+    twins = np.concatenate([n + twin_of, np.full(len(sources), -1)]).astype(np.int64)
     return SyntheticPool(
-        images=resize_hu(synthetic.slices.images, image_size, keep),
-        labels=(synthetic.classes[keep] > 0).astype(np.int64),
-        near_copy_fraction=float(near.mean()) if len(near) else 0.0,
+        images=np.concatenate([images, resize_hu(crops.images, image_size, sources)]),
+        labels=np.concatenate([labels, np.zeros(len(sources), np.int64)]),
+        near_copy_fraction=near_fraction,
         info=info,
+        source_patients=np.concatenate([synthetic.source_patients[keep],
+                                        crops.table["patient_id"].to_numpy()[sources]]).astype(np.int64),
+        twins=twins,
     )
 
 
@@ -382,7 +427,7 @@ def train_run(
             o: load_synthetic_pool(
                 ws, o, split_hash, organ_cfgs[o].train.image_size, cfg.data.windows,
                 allow_resize=organ_cfgs[o].train.synthetic_resize, reporter=reporter,
-                input_id=crop_sets[o].crop_id if o in crop_sets else "slices",
+                input_id=crop_sets[o].crop_id if o in crop_sets else "slices", crops=crop_sets.get(o),
             )
             for o in organs
         }
@@ -434,7 +479,7 @@ def train_run(
             if allowed is not None:  # a study's real-data fraction: fewer training and validation patients
                 is_train &= np.isin(data_o.table["patient_id"].to_numpy(), allowed)
             test_rows = np.flatnonzero(split == "test")  # the test set never changes
-            pool = pools.get(organ)
+            organ_pool = pools.get(organ)
             for k in folds_to_train:
                 fold = folder.fold(organ, k)
                 if fold.done:
@@ -442,6 +487,9 @@ def train_run(
                 train_rows = np.flatnonzero(is_train & (data_o.fold_of != k))
                 val_rows = np.flatnonzero(is_train & (data_o.fold_of == k))
                 _check_rows(organ, k, data_o, val_rows, test_rows)
+                # Lesion crops drawn into a validation (or test) patient's anatomy stay out of this fold.
+                pool = None if organ_pool is None else organ_pool.for_patients(
+                    data_o.table["patient_id"].to_numpy()[train_rows])
                 balancer = Balancer(
                     train_rows,
                     data_o.labels[train_rows],
@@ -456,6 +504,7 @@ def train_run(
                     real_position=data_o.position[train_rows],
                     matched_negatives=otc.matched_negatives,
                     real_targets=data_o.targets[train_rows],
+                    synthetic_pairs=pool.twins if pool is not None and otc.synthetic_pairs else None,
                 )
                 real = data_o.images
                 data = FoldData(
