@@ -479,42 +479,11 @@ def train_run(
             if allowed is not None:  # a study's real-data fraction: fewer training and validation patients
                 is_train &= np.isin(data_o.table["patient_id"].to_numpy(), allowed)
             test_rows = np.flatnonzero(split == "test")  # the test set never changes
-            organ_pool = pools.get(organ)
             for k in folds_to_train:
                 fold = folder.fold(organ, k)
                 if fold.done:
                     continue
-                train_rows = np.flatnonzero(is_train & (data_o.fold_of != k))
-                val_rows = np.flatnonzero(is_train & (data_o.fold_of == k))
-                _check_rows(organ, k, data_o, val_rows, test_rows)
-                # Lesion crops drawn into a validation (or test) patient's anatomy stay out of this fold.
-                pool = None if organ_pool is None else organ_pool.for_patients(
-                    data_o.table["patient_id"].to_numpy()[train_rows])
-                balancer = Balancer(
-                    train_rows,
-                    data_o.labels[train_rows],
-                    None if pool is None else pool.labels,
-                    epoch_size=otc.epoch_size,
-                    ratio=tc.synthetic_ratio,
-                    seed=cfg.seed,
-                    fold=k,
-                    max_repeat=otc.synthetic_max_repeat,
-                    organ=organ,
-                    near_copy_fraction=0.0 if pool is None else pool.near_copy_fraction,
-                    real_position=data_o.position[train_rows],
-                    matched_negatives=otc.matched_negatives,
-                    real_targets=data_o.targets[train_rows],
-                    synthetic_pairs=pool.twins if pool is not None and otc.synthetic_pairs else None,
-                )
-                real = data_o.images
-                data = FoldData(
-                    organ=organ,
-                    fold=k,
-                    train_set=BalancedEpochDataset(real, None if pool is None else pool.images, balancer, cfg.seed),
-                    val_set=_real_set(real, val_rows, data_o.labels),
-                    test_set=_real_set(real, test_rows, data_o.labels),
-                    table=data_o.table,
-                )
+                data = fold_data(cfg, ocfg, organ, k, data_o, is_train, test_rows, pools.get(organ))
                 train_fold(accelerator, ocfg, data, fold, ORGANS.index(organ), progress, hooks)
             if main and all(folder.fold(organ, k).done for k in range(n_folds)):
                 write_organ_outputs(folder, organ, data_o.table, n_folds, otc.aggregate, otc.top_k,
@@ -526,6 +495,63 @@ def train_run(
         info.complete = all(folder.has_table(o, "test_patients") for o in info.organs)
         folder.write_info(info)
     return folder.path
+
+
+def fold_data(
+    cfg: Config,
+    ocfg: Config,
+    organ: str,
+    k: int,
+    data: OrganData,
+    is_train: np.ndarray,
+    test_rows: np.ndarray,
+    pool: SyntheticPool | None,
+) -> FoldData:
+    """Fold ``k``'s training epochs (the balancer over real and synthetic rows), validation and test sets.
+
+    Parameters
+    ----------
+    cfg, ocfg : Config
+        The run's config (seed, synthetic ratio) and the organ's resolved one (``train.organs`` applied).
+    data : OrganData
+        What the organ reads (stored slices or its crops).
+    is_train : ndarray of shape (n,), dtype=bool
+        Rows of training patients the run may use (a study's fraction restricts them).
+    test_rows : ndarray of int
+        The test set, the same for every fold and run.
+    pool : SyntheticPool, optional
+        The organ's synthetic slices; only mixed into the training epochs.
+    """
+    otc = ocfg.train
+    train_rows = np.flatnonzero(is_train & (data.fold_of != k))
+    val_rows = np.flatnonzero(is_train & (data.fold_of == k))
+    _check_rows(organ, k, data, val_rows, test_rows)
+    if pool is not None:  # lesion crops drawn into a validation (or test) patient's anatomy stay out of this fold
+        pool = pool.for_patients(data.table["patient_id"].to_numpy()[train_rows])
+    balancer = Balancer(
+        train_rows,
+        data.labels[train_rows],
+        None if pool is None else pool.labels,
+        epoch_size=otc.epoch_size,
+        ratio=cfg.train.synthetic_ratio,
+        seed=cfg.seed,
+        fold=k,
+        max_repeat=otc.synthetic_max_repeat,
+        organ=organ,
+        near_copy_fraction=0.0 if pool is None else pool.near_copy_fraction,
+        real_position=data.position[train_rows],
+        matched_negatives=otc.matched_negatives,
+        real_targets=data.targets[train_rows],
+        synthetic_pairs=pool.twins if pool is not None and otc.synthetic_pairs else None,
+    )
+    return FoldData(
+        organ=organ,
+        fold=k,
+        train_set=BalancedEpochDataset(data.images, None if pool is None else pool.images, balancer, cfg.seed),
+        val_set=_real_set(data.images, val_rows, data.labels),
+        test_set=_real_set(data.images, test_rows, data.labels),
+        table=data.table,
+    )
 
 
 def _check_rows(organ: str, k: int, data: OrganData, val_rows: np.ndarray, test_rows: np.ndarray) -> None:

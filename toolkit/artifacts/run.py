@@ -93,6 +93,7 @@ class OrganSettings:
     top_k: int
     mixed_precision: str
     synthetic_resize: bool = False  # added later: older run.json files lack it
+    synthetic_pairs: bool = False  # added later: older run.json files lack it
     input: str = "slices"  # added with organ crops (train.input); older run.json files lack it
 
     @classmethod
