@@ -22,8 +22,25 @@ from gen.base import BaseGenerator, from_model_range
 from gen.models.gan_nets import ConditionalGenerator, ProjectionDiscriminator, check_gan_size
 from gen.registry import register_generator
 from gen.training import TrainingParts
+from toolkit.config import GANGenConfig
 
 STANDING_STATS_BATCHES = 16
+
+
+def adversarial_parts(netg: torch.nn.Module, netd: torch.nn.Module, gcfg: GANGenConfig) -> TrainingParts:
+    """A generator and a discriminator with an Adam each (betas 0, 0.9) and, with ``gan.ema``, an EMA of G.
+
+    Shared by every GAN backend (whole image and lesion inpainting).
+    """
+    return TrainingParts(
+        modules={"generator": netg, "discriminator": netd},
+        optimizers={
+            "opt_g": torch.optim.Adam(netg.parameters(), lr=gcfg.lr, betas=(0.0, 0.9)),
+            "opt_d": torch.optim.Adam(netd.parameters(), lr=gcfg.lr, betas=(0.0, 0.9)),
+        },
+        sample_from="generator",
+        ema=EMAModel(netg.parameters(), decay=gcfg.ema_decay) if gcfg.ema else None,
+    )
 
 
 @register_generator("gan")
@@ -52,15 +69,7 @@ class GANGenerator(BaseGenerator):
         check_gan_size(self.image_size)
         netg = self._build_sampling_model()
         netd = self._build_discriminator()
-        return TrainingParts(
-            modules={"generator": netg, "discriminator": netd},
-            optimizers={
-                "opt_g": torch.optim.Adam(netg.parameters(), lr=gcfg.lr, betas=(0.0, 0.9)),
-                "opt_d": torch.optim.Adam(netd.parameters(), lr=gcfg.lr, betas=(0.0, 0.9)),
-            },
-            sample_from="generator",
-            ema=EMAModel(netg.parameters(), decay=gcfg.ema_decay) if gcfg.ema else None,
-        )
+        return adversarial_parts(netg, netd, gcfg)
 
     def training_step(
         self,

@@ -25,9 +25,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from diffusers.training_utils import EMAModel
 
 from gen.base import BaseGenerator, from_model_range, to_model_range
+from gen.gan import adversarial_parts
 from gen.lesions.backend import LesionBackend
 from gen.lesions.nets import InpaintGenerator
 from gen.lesions.pairs import LesionPlan
@@ -116,15 +116,7 @@ class InpaintGANGenerator(LesionBackend, BaseGenerator):
         check_gan_size(self.image_size)
         netg = self._build_sampling_model()
         netd = ProjectionDiscriminator(self.image_size, gcfg.ndf, self.n_classes)
-        return TrainingParts(
-            modules={"generator": netg, "discriminator": netd},
-            optimizers={
-                "opt_g": torch.optim.Adam(netg.parameters(), lr=gcfg.lr, betas=(0.0, 0.9)),
-                "opt_d": torch.optim.Adam(netd.parameters(), lr=gcfg.lr, betas=(0.0, 0.9)),
-            },
-            sample_from="generator",
-            ema=EMAModel(netg.parameters(), decay=gcfg.ema_decay) if gcfg.ema else None,
-        )
+        return adversarial_parts(netg, netd, gcfg)
 
     def training_step(
         self,
