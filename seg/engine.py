@@ -9,7 +9,6 @@ owns the device and precision; only the main process writes.
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 import time
@@ -22,12 +21,12 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from safetensors.torch import load_file, save_file
 
 from seg.data import RandAffineIntensity, SegmentDataset, create_loader
-from seg.model import WEIGHTS_NAME, OrganSegmenter
+from seg.model import OrganSegmenter
 from seg.store import NUM_CLASSES, SEG_ORGANS
 from toolkit.config import SegmentConfig
+from train.engine import load_resume_state, save_resume_state
 
 STATE_DIR = "last"
 METRICS_FILE = "metrics.csv"
@@ -36,28 +35,6 @@ METRICS_FILE = "metrics.csv"
 def seed_for(*parts: int) -> int:
     """A 63-bit seed derived from integers (seed, epoch, ...)."""
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> np.uint64(1))
-
-
-def _save_state(directory: Path, model: torch.nn.Module, optimizer: Any, scheduler: Any, trainer: dict) -> None:
-    """Resume state after an epoch; written to a temp folder, then renamed, so it is never half-written."""
-    tmp = directory.with_name(directory.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp / WEIGHTS_NAME))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    (tmp / "trainer.json").write_text(json.dumps({**trainer, "scheduler": scheduler.state_dict()}, indent=1))
-    if directory.exists():
-        shutil.rmtree(directory)
-    tmp.replace(directory)
-
-
-def _load_state(directory: Path, model: torch.nn.Module, optimizer: Any, scheduler: Any) -> dict:
-    model.load_state_dict(load_file(str(directory / WEIGHTS_NAME)))
-    optimizer.load_state_dict(torch.load(directory / "optimizer.pt", map_location="cpu", weights_only=True))
-    trainer = json.loads((directory / "trainer.json").read_text())
-    scheduler.load_state_dict(trainer.pop("scheduler"))
-    return trainer
 
 
 def train_one_epoch(
@@ -143,7 +120,7 @@ def train_segmenter(
 
     trainer: dict[str, Any] = {"epoch": -1, "steps": 0, "history": [], "fingerprint": fingerprint}
     if state_dir.exists():
-        trainer = _load_state(state_dir, accelerator.unwrap_model(model), optimizer, scheduler)
+        trainer = load_resume_state(state_dir, accelerator.unwrap_model(model), optimizer, scheduler)
 
     steps_per_epoch = len(loader)
     task = None
@@ -165,7 +142,7 @@ def train_segmenter(
         trainer["epoch"] = epoch
         if main:
             pd.DataFrame(trainer["history"]).to_csv(out_dir / METRICS_FILE, index=False)
-            _save_state(state_dir, accelerator.unwrap_model(model), optimizer, scheduler, trainer)
+            save_resume_state(state_dir, accelerator.unwrap_model(model), optimizer, scheduler, trainer)
         accelerator.wait_for_everyone()
         if task is not None:
             progress.update(task, completed=(epoch + 1) * steps_per_epoch,

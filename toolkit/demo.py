@@ -127,7 +127,8 @@ def demo(
 ) -> None:
     """Run the whole study on the built-in CT phantom: data, store, generators, two runs, report.
 
-    Uses the demo config unless --config is given (sized for a 2-core CPU: about 8 minutes, measured 459 s on an idle one).
+    Uses the demo config unless --config is given (sized for a 2-core CPU: about 8 minutes, measured 459 s
+    on an idle one).
     Re-running continues an interrupted demo; finished stages are kept.
     """
     ws, cfg = setup(workdir, config or "demo", sets, seed=seed)

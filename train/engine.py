@@ -230,8 +230,9 @@ def _prediction_frame(table: pd.DataFrame, result: dict[str, Any], fold: int) ->
     )
 
 
-def _save_state(directory: Path, model: nn.Module, optimizer: Any, scheduler: Any, trainer: dict) -> None:
-    """Resume state after an epoch; written to a temp folder then renamed so it is never half-written."""
+def save_resume_state(directory: Path, model: nn.Module, optimizer: Any, scheduler: Any, trainer: dict) -> None:
+    """Resume state after an epoch (weights, optimizer, scheduler, torch RNG, ``trainer`` counters); written to a
+    temp folder then renamed so it is never half-written. Classifier folds and the organ localizer both use it."""
     tmp = directory.with_name(directory.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -246,7 +247,8 @@ def _save_state(directory: Path, model: nn.Module, optimizer: Any, scheduler: An
     tmp.replace(directory)
 
 
-def _load_state(directory: Path, model: nn.Module, optimizer: Any, scheduler: Any) -> dict:
+def load_resume_state(directory: Path, model: nn.Module, optimizer: Any, scheduler: Any) -> dict:
+    """Restore what :func:`save_resume_state` wrote; returns the ``trainer`` counters."""
     model.load_state_dict(load_file(str(directory / WEIGHTS_NAME)))
     optimizer.load_state_dict(torch.load(directory / "optimizer.pt", map_location="cpu", weights_only=True))
     trainer = json.loads((directory / "trainer.json").read_text())
@@ -314,7 +316,7 @@ def build_fold(accelerator: Accelerator, cfg: Config, data: FoldData, fold: Fold
     )
     trainer = new_trainer_state()
     if fold.state_dir.exists():
-        trainer = _load_state(fold.state_dir, accelerator.unwrap_model(model), optimizer, scheduler)
+        trainer = load_resume_state(fold.state_dir, accelerator.unwrap_model(model), optimizer, scheduler)
     # The frozen layers (train.trainable_blocks) never change: fold their batch norms into their
     # convolutions once. The twin shares every trainable layer, so training it trains ``model``
     # (64 px, last 3 blocks trainable: ~1.5x per step on a CPU). One process in full precision
@@ -414,7 +416,7 @@ def save_epoch(
         save_classifier(model, fold.path, extra=extra)
         fold.write_predictions("val", _prediction_frame(data.table, val, data.fold))
     fold.write_metrics(parts.trainer["history"])
-    _save_state(fold.state_dir, model, parts.optimizer, parts.scheduler, parts.trainer)
+    save_resume_state(fold.state_dir, model, parts.optimizer, parts.scheduler, parts.trainer)
 
 
 def finish_fold(
