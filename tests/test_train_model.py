@@ -179,3 +179,39 @@ def test_aggregate_patient() -> None:
     assert aggregate_patient(np.stack([probs, probs * 0]), "max") == pytest.approx(0.45)
     with pytest.raises(ToolkitError, match="unknown train.aggregate"):
         aggregate_patient(probs, "mean")
+
+
+def test_frozen_features_score_like_the_model_and_run_the_front_once_per_slice() -> None:
+    """Validation/test scoring keeps the frozen front's features: the same logits as the whole model,
+    the front run once per batch across epochs, recomputed when the front's weights change."""
+    from train.frozen import FrozenFeatures, split_frozen_front
+
+    torch.manual_seed(3)
+    model = create_classifier(_cfg(trainable_blocks=2)).eval()
+    calls = []
+
+    def transform(batch):  # runs only when a batch's front features are computed
+        calls.append(1)
+        return batch["x"]
+
+    batches = [{"x": torch.randn(8, 1, 32, 32), "index": torch.arange(8 * i, 8 * i + 8)} for i in range(3)]
+    features = FrozenFeatures(max_bytes=2**20)
+    with torch.inference_mode():
+        expected = [model(b["x"]) for b in batches]
+        for _epoch in range(3):
+            score = features.scorer(model, "val", transform)
+            for batch, want in zip(batches, expected, strict=True):
+                torch.testing.assert_close(score(batch), want, rtol=1e-4, atol=1e-4)
+            with torch.no_grad():  # training moves the trainable back; the kept features still serve
+                model.classifier.bias += 0.5
+            expected = [e + 0.5 for e in expected]
+        assert len(calls) == 3 and features.nbytes > 0  # once per batch, not per epoch
+        with torch.no_grad():
+            model.conv_stem.weight.mul_(2.0)  # another front (a fold from another random start)
+        score = features.scorer(model, "val", transform)
+        torch.testing.assert_close(score(batches[0]), model(batches[0]["x"]), rtol=1e-4, atol=1e-4)
+        assert len(calls) == 4  # recomputed, not the first front's features
+        features.forget("val")
+        assert features.nbytes == 0
+    assert split_frozen_front(create_classifier(_cfg(trainable_blocks=-1))) is None
+    assert FrozenFeatures(0).scorer(model, "val", lambda b: b["x"]) is None

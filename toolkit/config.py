@@ -396,6 +396,9 @@ class TrainConfig:
     top_k: int = setting(3, ge=1)
     mixed_precision: str = setting("no", choices=("no", "fp16", "bf16"))
     num_workers: int = setting(0, ge=0)
+    # Memory (MiB, on the training device) for the frozen layers' features of validation and test slices:
+    # computed once per organ instead of every epoch and fold (train/frozen.py). 0 recomputes them every time.
+    feature_cache_mb: int = setting(1024, ge=0)
     # Per-organ overrides of the keys above, e.g. {kidney: {image_size: 128, trainable_blocks: -1}}:
     # a small organ's lesion may need more pixels than the others. See organ_train_settings.
     organs: dict[str, dict[str, Any]] = setting(factory=dict, keys=ORGANS, organ_overrides=True)

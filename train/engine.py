@@ -53,6 +53,7 @@ from train.data import (
     create_loader,
     memory_format_for,
 )
+from train.frozen import FrozenFeatures
 from train.inference import fold_batchnorm, patient_scores
 from train.model import WEIGHTS_NAME, create_classifier, save_classifier
 
@@ -79,6 +80,8 @@ class FoldData:
     """Everything one fold trains and evaluates on.
 
     ``table`` is the real store's manifest; val/test dataset ``index`` values are its rows.
+    ``features`` keeps the frozen front's features of validation and test batches (one per organ,
+    shared by its folds); ``None`` scores every pass in full.
     """
 
     organ: str
@@ -87,6 +90,7 @@ class FoldData:
     val_set: SliceDataset
     test_set: SliceDataset
     table: pd.DataFrame
+    features: FrozenFeatures | None = None
 
 
 def seed_for(*parts: int) -> int:
@@ -170,12 +174,19 @@ def train_one_epoch(
 
 @torch.inference_mode()
 def evaluate(
-    model: nn.Module, loader: DataLoader, accelerator: Accelerator, transform: SliceTransform
+    model: nn.Module,
+    loader: DataLoader,
+    accelerator: Accelerator,
+    transform: SliceTransform,
+    features: FrozenFeatures | None = None,
+    split: str = "val",
 ) -> dict[str, Any]:
     """Score every slice of ``loader`` (gathered over processes; copied to the host once, at the end).
 
     Scores with :func:`train.inference.fold_batchnorm`'s twin of the model (batch norms folded
-    into the convolutions) in full precision, a fraction of the unfolded model's time.
+    into the convolutions) in full precision, a fraction of the unfolded model's time. With
+    ``features`` (one process, full precision), the frozen front runs once per ``split`` batch and
+    later passes only run the trainable layers (:mod:`train.frozen`).
 
     Returns
     -------
@@ -184,10 +195,19 @@ def evaluate(
         ``index``/``source`` (ndarray (n,), int64).
     """
     model.eval()
-    scorer = fold_batchnorm(accelerator.unwrap_model(model)) if accelerator.mixed_precision == "no" else model
+    full_precision = accelerator.mixed_precision == "no"
+    score = None
+    if features is not None and full_precision and accelerator.num_processes == 1:
+        score = features.scorer(accelerator.unwrap_model(model), split, transform)
+    if score is None:
+        scorer = fold_batchnorm(accelerator.unwrap_model(model)) if full_precision else model
+
+        def score(batch: dict[str, Any]) -> torch.Tensor:
+            return scorer(transform(batch))
+
     logits, labels, index, source = [], [], [], []
     for batch in loader:
-        out = scorer(transform(batch)).squeeze(1).float()
+        out = score(batch).squeeze(1).float()
         gathered = accelerator.gather_for_metrics((out, batch["y"], batch["index"], batch["source"]))
         for acc, value in zip((logits, labels, index, source), gathered, strict=True):
             acc.append(value)
@@ -359,7 +379,7 @@ def run_epoch(
     lr = parts.optimizer.param_groups[0]["lr"]
     stats = train_one_epoch(parts.train_model, parts.train_loader, parts.optimizer, parts.scheduler,
                             parts.loss_fn, accelerator, parts.train_transform, progress, task)
-    val = evaluate(parts.model, parts.val_loader, accelerator, parts.eval_transform)
+    val = evaluate(parts.model, parts.val_loader, accelerator, parts.eval_transform, data.features, "val")
     hooks.on_evaluate(data.organ, data.fold, "val", val["index"], val["source"])
     val["patient_auc"] = patient_auc(data.table, val, data.organ, tc.aggregate, tc.top_k)
     samples = stats["samples"] * accelerator.num_processes
@@ -425,7 +445,9 @@ def finish_fold(
     """Score the test set once, with the best checkpoint; write summary.json and the test predictions
     (last: they mark the fold done) and drop the resume state. Returns the summary."""
     accelerator.unwrap_model(parts.model).load_state_dict(load_file(str(fold.path / WEIGHTS_NAME)))
-    test = evaluate(parts.model, parts.test_loader, accelerator, parts.eval_transform)
+    test = evaluate(parts.model, parts.test_loader, accelerator, parts.eval_transform, data.features, "test")
+    if data.features is not None:
+        data.features.forget("val")  # the next fold validates other patients; the test set is shared
     hooks.on_evaluate(data.organ, data.fold, "test", test["index"], test["source"])
     trainer = parts.trainer
     summary = {

@@ -58,6 +58,7 @@ from toolkit.workspace import Workspace
 from train.balancer import REAL, Balancer, series_position
 from train.data import BalancedEpochDataset, SliceDataset, resize_hu
 from train.engine import FoldData, TrainHooks, binary_auc, train_fold
+from train.frozen import FrozenFeatures
 from train.inference import patient_scores
 
 # Settings a resumed run must share with the interrupted one (else its folds would differ).
@@ -479,11 +480,12 @@ def train_run(
             if allowed is not None:  # a study's real-data fraction: fewer training and validation patients
                 is_train &= np.isin(data_o.table["patient_id"].to_numpy(), allowed)
             test_rows = np.flatnonzero(split == "test")  # the test set never changes
+            features = FrozenFeatures(otc.feature_cache_mb * 2**20)  # shared by the organ's folds
             for k in folds_to_train:
                 fold = folder.fold(organ, k)
                 if fold.done:
                     continue
-                data = fold_data(cfg, ocfg, organ, k, data_o, is_train, test_rows, pools.get(organ))
+                data = fold_data(cfg, ocfg, organ, k, data_o, is_train, test_rows, pools.get(organ), features)
                 train_fold(accelerator, ocfg, data, fold, ORGANS.index(organ), progress, hooks)
             if main and all(folder.fold(organ, k).done for k in range(n_folds)):
                 write_organ_outputs(folder, organ, data_o.table, n_folds, otc.aggregate, otc.top_k,
@@ -506,6 +508,7 @@ def fold_data(
     is_train: np.ndarray,
     test_rows: np.ndarray,
     pool: SyntheticPool | None,
+    features: FrozenFeatures | None = None,
 ) -> FoldData:
     """Fold ``k``'s training epochs (the balancer over real and synthetic rows), validation and test sets.
 
@@ -521,6 +524,8 @@ def fold_data(
         The test set, the same for every fold and run.
     pool : SyntheticPool, optional
         The organ's synthetic slices; only mixed into the training epochs.
+    features : FrozenFeatures, optional
+        The organ's kept front features of validation and test batches (:mod:`train.frozen`).
     """
     otc = ocfg.train
     train_rows = np.flatnonzero(is_train & (data.fold_of != k))
@@ -551,6 +556,7 @@ def fold_data(
         val_set=_real_set(data.images, val_rows, data.labels),
         test_set=_real_set(data.images, test_rows, data.labels),
         table=data.table,
+        features=features,
     )
 
 

@@ -63,7 +63,7 @@ TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
 }
 # Train keys that belong to the run, not to one organ (``train.organs`` cannot set them), and
 # num_workers, which changes no result.
-RUN_LEVEL_TRAIN_KEYS = ("synthetic_ratio", "folds", "organs", "num_workers")
+RUN_LEVEL_TRAIN_KEYS = ("synthetic_ratio", "folds", "organs", "num_workers", "feature_cache_mb")
 
 
 # ------------------------------------------------------------------ run.json
