@@ -2,7 +2,8 @@
 
 The procedural fill draws injuries into healthy training crops; these tests check where the lesion pixels
 are, that the rest of each crop is its source, determinism, the size contract at train, and that a fold
-never trains on a lesion drawn into one of its validation patients.
+never trains on a lesion drawn into one of its validation patients. The model fills (the inpainting GAN,
+RePaint with the diffusion UNet) are run the same way, and an interrupted diffusion run is resumed.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from test_crops import CROP, tiny_config
 from toolkit.artifacts.crops import load_crop_set
 from toolkit.artifacts.synthetic import SyntheticSet
 from toolkit.config import load_config
-from toolkit.errors import ContractError
+from toolkit.errors import ContractError, ToolkitError
+from toolkit.reporting import Reporter, SilentProgress
 from toolkit.workspace import Workspace
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -156,3 +158,83 @@ def test_a_model_fill_trains_the_lesion_gan_and_keeps_the_source(workspace: Work
     assert syn.backend == "gan" and "-gan-" in syn.generator_id and (out / "loss.csv").exists()
     again = SyntheticSet.load(generate(workspace, cfg, "liver", force=True))
     np.testing.assert_array_equal(again.slices.images, syn.slices.images)
+
+
+def diffusion_lesion_config():
+    """A tiny class-conditional UNet trained 4 steps (a checkpoint every 2) and a short RePaint."""
+    section = {"mode": "lesion", "model": "diffusion", "image_size": CROP, "n": 6, "train_steps": 4,
+               "batch_size": 8, "checkpoint_every": 2, "audit_feature_epochs": 1,
+               "diffusion": {"unet_channels": [8, 16], "layers_per_block": 1, "num_train_timesteps": 50,
+                             "lr": 5e-4},
+               "lesion": {"fill": "model", "repaint_steps": 4, "repaint_jump_length": 2, "repaint_resample": 1}}
+    return load_config("default", {**tiny_config().to_dict(), "gen": section})
+
+
+def test_a_diffusion_model_fill_repaints_inside_the_organ_and_keeps_the_source(workspace: Workspace) -> None:
+    from gen.run import generate
+
+    cfg = diffusion_lesion_config()
+    out = generate(workspace, cfg, "liver")
+    syn = SyntheticSet.load(out)
+    crops = load_crop_set(workspace.store_dir, "liver")
+    assert syn.mode == "lesion" and syn.backend == "diffusion" and "-diffusion-" in syn.generator_id
+    assert 0 < len(syn) <= 6 and (syn.classes == 1).all()
+    masks, src = np.asarray(syn.lesion_masks), np.asarray(crops.images)[syn.source_rows]
+    organ = np.asarray(crops.masks)[syn.source_rows] > 0
+    np.testing.assert_array_equal(syn.slices.images[~masks], src[~masks])  # tolerance 0 outside the lesion
+    assert masks.reshape(len(syn), -1).any(axis=1).all()
+    assert not (masks & ~organ).any(), "a lesion pixel lies outside the organ mask"
+    assert (syn.slices.images[masks] != src[masks]).any()  # RePaint drew something
+    assert (out / "loss.csv").exists() and (out / "checkpoint" / "config.json").exists()
+    # Same seed, same crops.
+    again = SyntheticSet.load(generate(workspace, cfg, "liver", force=True))
+    np.testing.assert_array_equal(again.slices.images, syn.slices.images)
+    np.testing.assert_array_equal(again.lesion_masks, syn.lesion_masks)
+    assert again.generator_id == syn.generator_id
+
+
+class Interrupting(Reporter):
+    """Records the steps the training progress bar shows; Ctrl-C when it reaches ``at_step`` (if given)."""
+
+    def __init__(self, at_step: int | None = None) -> None:
+        self.at_step = at_step
+        self.steps: list[object] = []
+
+    def progress(self, transient: bool = False) -> SilentProgress:
+        reporter = self
+
+        class Progress(SilentProgress):
+            def update(self, task: int, **kwargs: object) -> None:
+                reporter.steps.append(kwargs.get("completed"))
+                if kwargs.get("completed") == reporter.at_step:
+                    raise KeyboardInterrupt
+
+        return Progress()
+
+
+def test_an_interrupted_diffusion_lesion_run_resumes_to_the_uninterrupted_set(workspace: Workspace) -> None:
+    import pandas as pd
+    import torch
+
+    from gen.base import TRAINING_STATE_NAME
+    from gen.run import generate
+
+    cfg = diffusion_lesion_config()
+    full = SyntheticSet.load(generate(workspace, cfg, "liver"))
+    out = workspace.synthetic_dir("liver")
+    full_loss = pd.read_csv(out / "loss.csv")
+    with pytest.raises(KeyboardInterrupt):  # Ctrl-C during step 3, after the checkpoint of step 2
+        generate(workspace, cfg, "liver", force=True, reporter=Interrupting(at_step=3))
+    assert not (out / "manifest.csv").exists()
+    assert int(torch.load(out / "checkpoint" / TRAINING_STATE_NAME, weights_only=True)["step"]) == 2
+    with pytest.raises(ToolkitError, match="--resume"):
+        generate(workspace, cfg, "liver")
+    watch = Interrupting()
+    resumed = SyntheticSet.load(generate(workspace, cfg, "liver", resume=True, reporter=watch))
+    assert watch.steps == [3, 4], "the resumed run did not continue from the checkpoint of step 2"
+    np.testing.assert_array_equal(resumed.slices.images, full.slices.images)
+    np.testing.assert_array_equal(resumed.lesion_masks, full.lesion_masks)
+    assert resumed.generator_id == full.generator_id
+    loss = pd.read_csv(out / "loss.csv")
+    assert loss["step"].tolist() == [1, 2, 3, 4]
+    np.testing.assert_array_equal(loss["loss"].to_numpy(), full_loss["loss"].to_numpy())

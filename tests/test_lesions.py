@@ -307,9 +307,13 @@ def test_gan_inpaint_resume_equals_uninterrupted_run(crops, plan, tmp_path):
             x, labels, lesion_plan=plan, checkpoint_dir=tmp_path, callback=crash
         )
     assert int(torch.load(tmp_path / TRAINING_STATE_NAME, weights_only=True)["step"]) == 2
+    trained: list[int] = []
     resumed = create_generator("gan", tiny_gen(), mode="lesion", seed=3).fit(
-        x, labels, lesion_plan=plan, checkpoint_dir=tmp_path, resume=True
+        x, labels, lesion_plan=plan, checkpoint_dir=tmp_path, resume=True,
+        callback=lambda step, logs: trained.append(step),
     )
+    # Equal weights alone would also come from a restart with the same seed: only steps 3 and 4 may be trained.
+    assert trained == [3, 4], "the resumed run did not continue from the checkpoint of step 2"
     a, b = full.model_.state_dict(), resumed.model_.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [r["recon_l1"] for r in resumed.history_] == [r["recon_l1"] for r in full.history_]
