@@ -29,7 +29,8 @@ def _python(script: str, **env: str) -> str:
 
 CLI_START = """
     import os, sys
-    os.getloadavg = lambda: ({load}, 0.0, 0.0)  # the machine's load at start decides the policy
+    import toolkit.runtime
+    toolkit.runtime.busy_cores = lambda: {load}  # the machine's load at start decides the policy
     sys.argv = ["toolkit", "--version"]
     from toolkit.cli import main
     try:
@@ -53,6 +54,20 @@ def test_cli_start_keeps_openmps_default_on_an_idle_machine() -> None:
 def test_cli_start_keeps_the_users_openmp_policy() -> None:
     busy = 2.0 * (os.cpu_count() or 1)
     assert _python(CLI_START.format(load=busy), OMP_WAIT_POLICY="ACTIVE").splitlines()[-1] == "False ACTIVE"
+
+
+def test_busy_cores_sees_this_process_keep_a_core_busy() -> None:
+    script = """
+        import threading, time
+        from toolkit.runtime import busy_cores
+
+        stop = time.perf_counter() + 1.0
+        spinner = threading.Thread(target=lambda: [None for _ in iter(lambda: time.perf_counter() > stop, True)])
+        spinner.start()
+        print(busy_cores(0.5))
+        spinner.join()
+    """
+    assert 0.6 < float(_python(script)) <= (os.cpu_count() or 1) + 0.1
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt is glibc (Linux) only")

@@ -268,7 +268,7 @@ def test_predictions_match_the_pinned_reference(real_only) -> None:
 
 
 def test_same_seed_same_predictions_and_resume_matches_uninterrupted(ws: Workspace) -> None:
-    cfg = tiny_config(epochs=3)
+    cfg = tiny_config(epochs=3, checkpoint_every_s=0)  # a resume state after every epoch
     reference = _predictions(train_run(ws, cfg, name="ref", organs=[ORGAN]))
 
     # Interrupted in fold 1 after epoch 1 (fold 0 finished), then resumed.
@@ -288,6 +288,16 @@ def test_same_seed_same_predictions_and_resume_matches_uninterrupted(ws: Workspa
     assert RunFolder(cut_dir).state() == "complete" and "cut" in list_runs(ws)
     metrics = pd.read_csv(cut_dir / ORGAN / "fold_1" / "metrics.csv")
     assert list(metrics["epoch"]) == [0, 1, 2]
+
+    # Interrupted before a resume state was due (train.checkpoint_every_s): the fold starts over, same bytes.
+    cfg = tiny_config(epochs=3, checkpoint_every_s=3600)
+    with pytest.raises(InterruptedError):
+        train_run(ws, cfg, name="late", organs=[ORGAN], hooks=Recorder(stop_at=(1, 1)))
+    assert not RunFolder(ws.run_dir("late")).fold(ORGAN, 1).state_dir.exists()
+    rec = Recorder()
+    train_run(ws, cfg, name="late", organs=[ORGAN], resume=True, hooks=rec)
+    assert [(f, e) for f, e, *_ in rec.plans] == [(1, 0), (1, 1), (1, 2)]
+    assert _prediction_bytes(ws.run_dir("late")) == _prediction_bytes(ws.run_dir("ref"))
 
     seed1 = load_config("default", {**cfg.to_dict(), "seed": 1})
     other = _predictions(train_run(ws, seed1, name="seed1", organs=[ORGAN]))

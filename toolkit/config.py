@@ -399,6 +399,10 @@ class TrainConfig:
     # Memory (MiB, on the training device) for the frozen layers' features of validation and test slices:
     # computed once per organ instead of every epoch and fold (train/frozen.py). 0 recomputes them every time.
     feature_cache_mb: int = setting(1024, ge=0)
+    # A fold's resume state and best checkpoint are written at most this often (seconds) and when it ends: an
+    # interrupted fold redoes at most this much. 0 = after every epoch (a 64 px demo epoch lasts about a second,
+    # and writing weights and optimizer state each time cost 7% of the fold; benchmarks/bench_train.py).
+    checkpoint_every_s: float = setting(60.0, ge=0.0)
     # Per-organ overrides of the keys above, e.g. {kidney: {image_size: 128, trainable_blocks: -1}}:
     # a small organ's lesion may need more pixels than the others. See organ_train_settings.
     organs: dict[str, dict[str, Any]] = setting(factory=dict, keys=ORGANS, organ_overrides=True)

@@ -14,6 +14,7 @@ import ctypes
 import ctypes.util
 import os
 import sys
+import time
 
 # mallopt parameters from glibc's <malloc.h>.
 M_TRIM_THRESHOLD = -1
@@ -57,14 +58,35 @@ def tune_malloc(trim_threshold: int = 1 << 30) -> bool:
     return ok
 
 
+def busy_cores(sample_s: float = 0.3) -> float:
+    """Cores the machine keeps busy now: CPU time spent outside idle over ``sample_s`` seconds
+    (``/proc/stat``), else the 1-minute load average (no ``/proc``: macOS, Windows: 0).
+
+    Not the load average on Linux: it decays over minutes, so a machine whose last job ended a
+    minute ago still reads about 1 on 2 cores (and a VM's kernel threads add to it while idle).
+    """
+    def jiffies() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            values = [int(v) for v in f.readline().split()[1:]]
+        return sum(values) - values[3] - (values[4] if len(values) > 4 else 0), sum(values)  # minus idle, iowait
+
+    try:
+        busy0, total0 = jiffies()
+        time.sleep(sample_s)
+        busy1, total1 = jiffies()
+    except (OSError, ValueError, IndexError):
+        return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return (os.cpu_count() or 1) * (busy1 - busy0) / max(total1 - total0, 1)
+
+
 def passive_openmp(busy_load: float = 0.5) -> bool:
     """Let idle OpenMP threads sleep instead of spinning (``OMP_WAIT_POLICY=PASSIVE``) unless the machine is idle.
 
     Must run before ``torch`` is imported (OpenMP reads it when it loads); a policy the
     user already set (``OMP_WAIT_POLICY``, ``GOMP_SPINCOUNT``) is kept. Which is faster depends on
-    the other work on the machine, so the 1-minute load average at start decides:
+    the other work on the machine, so the cores busy at start decide (:func:`busy_cores`):
 
-    - idle (load < ``busy_load`` x cores): OpenMP's default (spin briefly, then sleep) is kept. At
+    - idle (busy cores < ``busy_load`` x cores): OpenMP's default (spin briefly, then sleep) is kept. At
       64 px a step is many small parallel regions, and waking sleeping threads for each of them
       cost 2.5x on 2 cores (mobilenetv2_100: 220 img/s passive vs 560 default).
     - otherwise: spinning threads of a 2-thread torch process fight the other processes for the
@@ -74,7 +96,7 @@ def passive_openmp(busy_load: float = 0.5) -> bool:
     Parameters
     ----------
     busy_load : float, default=0.5
-        Load average per core from which the machine counts as busy.
+        Busy share of the cores from which the machine counts as busy.
 
     Returns
     -------
@@ -85,8 +107,7 @@ def passive_openmp(busy_load: float = 0.5) -> bool:
     if "torch" in sys.modules or "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ:
         return False
     cores = os.cpu_count() or 1
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("inf")
-    if load < busy_load * cores:
+    if busy_cores() < busy_load * cores:
         return False
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
     return True

@@ -29,7 +29,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -61,8 +61,8 @@ from train.model import WEIGHTS_NAME, create_classifier, save_classifier
 class TrainHooks:
     """Callbacks into the loop (no-ops here): tests and tools observe or interrupt training.
 
-    ``on_epoch_end`` runs after the epoch's resume state is saved, so raising there is a
-    clean interruption.
+    ``on_epoch_end`` runs after the epoch's files are written (its resume state when one is due,
+    ``train.checkpoint_every_s``), so raising there is a clean interruption.
     """
 
     def on_train_epoch(self, organ: str, fold: int, epoch: int, dataset: BalancedEpochDataset) -> None:
@@ -310,6 +310,10 @@ class FoldParts:
     train_transform: SliceTransform  # window + augment + normalise, on the device
     eval_transform: SliceTransform  # window + normalise
     train_model: nn.Module  # what train_one_epoch runs: model, or its twin with frozen batch norms folded
+    # The best epoch so far, kept in memory (weights, validation predictions, checkpoint extras) and written with
+    # the resume state (train.checkpoint_every_s) and when the fold ends; None once written or on a resumed fold.
+    best: dict[str, Any] | None = None
+    saved_at: float = field(default_factory=time.perf_counter)  # when the resume state was last written
 
 
 def build_fold(accelerator: Accelerator, cfg: Config, data: FoldData, fold: FoldFolder, organ_index: int) -> FoldParts:
@@ -424,27 +428,56 @@ def save_epoch(
     accelerator: Accelerator, cfg: Config, data: FoldData, fold: FoldFolder, parts: FoldParts,
     val: dict[str, Any], improved: bool,
 ) -> None:
-    """After an epoch (main process): the checkpoint and validation predictions when it is the best,
-    metrics.csv, and the resume state."""
+    """After an epoch: keep the epoch in memory when it is the best; write metrics.csv (main process) and,
+    at most every ``train.checkpoint_every_s`` seconds, the best checkpoint and the resume state.
+
+    The last epoch writes no resume state: :func:`finish_fold` follows at once and writes the rest.
+    """
+    model = accelerator.unwrap_model(parts.model)
+    trainer = parts.trainer
+    if improved:
+        parts.best = {
+            "weights": {k: v.detach().clone() for k, v in model.state_dict().items()},
+            "predictions": _prediction_frame(data.table, val, data.fold),
+            "extra": {"windows": cfg.data.windows, "organ": data.organ, "fold": data.fold,
+                      "epoch": trainer["epoch"], "val_auc": val["auc"]},
+        }
     if not accelerator.is_main_process:
         return
-    model = accelerator.unwrap_model(parts.model)
-    epoch = parts.trainer["epoch"]
-    if improved:
-        extra = {"windows": cfg.data.windows, "organ": data.organ, "fold": data.fold, "epoch": epoch,
-                 "val_auc": val["auc"]}
-        save_classifier(model, fold.path, extra=extra)
-        fold.write_predictions("val", _prediction_frame(data.table, val, data.fold))
-    fold.write_metrics(parts.trainer["history"])
-    save_resume_state(fold.state_dir, model, parts.optimizer, parts.scheduler, parts.trainer)
+    fold.write_metrics(trainer["history"])
+    last = trainer["epoch"] + 1 >= cfg.train.epochs or trainer["stopped_early"]
+    if last or time.perf_counter() - parts.saved_at < cfg.train.checkpoint_every_s:
+        return
+    if parts.best is not None:
+        _write_best(model, fold, parts.best)
+        parts.best = None
+    save_resume_state(fold.state_dir, model, parts.optimizer, parts.scheduler, trainer)
+    parts.saved_at = time.perf_counter()
+
+
+def _write_best(model: nn.Module, fold: FoldFolder, best: dict[str, Any], keep_current: bool = True) -> None:
+    """The best epoch kept in memory, as the fold's checkpoint and validation predictions (main process).
+    ``model`` is left with the best weights unless ``keep_current``."""
+    current = {k: v.detach().clone() for k, v in model.state_dict().items()} if keep_current else None
+    model.load_state_dict(best["weights"])
+    save_classifier(model, fold.path, extra=best["extra"])
+    fold.write_predictions("val", best["predictions"])
+    if current is not None:
+        model.load_state_dict(current)
 
 
 def finish_fold(
     accelerator: Accelerator, data: FoldData, fold: FoldFolder, parts: FoldParts, hooks: TrainHooks
 ) -> dict[str, Any]:
-    """Score the test set once, with the best checkpoint; write summary.json and the test predictions
-    (last: they mark the fold done) and drop the resume state. Returns the summary."""
-    accelerator.unwrap_model(parts.model).load_state_dict(load_file(str(fold.path / WEIGHTS_NAME)))
+    """Score the test set once, with the best epoch's weights; write the best checkpoint, summary.json and
+    the test predictions (last: they mark the fold done) and drop the resume state. Returns the summary."""
+    model = accelerator.unwrap_model(parts.model)
+    if parts.best is None:  # a resumed fold whose best epoch came before the interruption: written then
+        model.load_state_dict(load_file(str(fold.path / WEIGHTS_NAME)))
+    elif accelerator.is_main_process:
+        _write_best(model, fold, parts.best, keep_current=False)
+    else:
+        model.load_state_dict(parts.best["weights"])
     test = evaluate(parts.model, parts.test_loader, accelerator, parts.eval_transform, data.features, "test")
     if data.features is not None:
         data.features.forget("val")  # the next fold validates other patients; the test set is shared

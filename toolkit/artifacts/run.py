@@ -62,8 +62,8 @@ TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
     "test_patients": ("patient_id", "label", "grade", "prob"),
 }
 # Train keys that belong to the run, not to one organ (``train.organs`` cannot set them), and
-# num_workers, which changes no result.
-RUN_LEVEL_TRAIN_KEYS = ("synthetic_ratio", "folds", "organs", "num_workers", "feature_cache_mb")
+# those that change no result (workers, memory, how often the resume state is written).
+RUN_LEVEL_TRAIN_KEYS = ("synthetic_ratio", "folds", "organs", "num_workers", "feature_cache_mb", "checkpoint_every_s")
 
 
 # ------------------------------------------------------------------ run.json
