@@ -153,7 +153,10 @@ def convert_torchvision_mobilenetv2(
     dict
         timm-keyed state dict of the 1000-class, 3-channel model.
     """
-    reference = timm.create_model(model_name, pretrained=False).state_dict()
+    # Names and shapes only: on the meta device, so that building the reference neither allocates nor draws
+    # from torch's random stream (the classifier's initialisation must not depend on whether this ran).
+    with torch.device("meta"):
+        reference = timm.create_model(model_name, pretrained=False).state_dict()
     if len(reference) != len(state_dict):
         raise ToolkitError(
             f"torchvision MobileNetV2 weights hold {len(state_dict)} tensors but timm '{model_name}' has "
@@ -187,7 +190,7 @@ def _create_pretrained(name: str, in_chans: int, weights: str | None) -> nn.Modu
         if not path.is_file():
             raise ToolkitError(f"weights file {path} does not exist; pass --weights PATH to a .pth/.safetensors file")
         state_dict = _timm_state_dict(str(path), path.stat().st_mtime_ns, name)
-        # A copy of the cached dict: timm deletes the ImageNet classifier's keys and adapts the stem in it.
+        # A copy of the cached dict: timm deletes the ImageNet classifier's keys from it.
         overlay = dict(file=str(path)) if state_dict is None else dict(state_dict=dict(state_dict))
         try:
             return timm.create_model(name, pretrained_cfg_overlay=overlay, **kwargs)
