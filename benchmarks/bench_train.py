@@ -9,9 +9,10 @@ Prints, in one run (each measurement in a fresh process started as the CLI start
    forward/backward/AdamW loop on one of those batches, same model, batch and image size, at 64
    and 128 px (ratio: goal >= 0.95 at 64 px);
 2. **fold overhead**: one organ's folds of ``train_run`` at the demo's settings (64 px, epoch_size
-   384, batch 32, 8 epochs, 3 folds, last 3 blocks trainable) on a demo-sized toy store (240 patients
-   x 16 slices at 128 px, half of them test), with a table of where the time goes and a fold's
-   wall time against its training steps alone (goal <= 1.3);
+   768, batch 32, 4 epochs, 3 folds, last 3 blocks trainable) on a demo-sized toy store (240 patients
+   x 12 slices at 128 px, half of them test: the demo's liver crop set holds 12.3 crops per patient),
+   with a table of where the time goes and a fold's wall time against its training steps alone
+   (goal <= 1.3);
 3. **predict, per study**: ``predict_study`` (what ``toolkit predict`` runs: read the DICOM series,
    load every fold model, score, aggregate) on a 64-slice phantom study, for 5 organs x 5 folds at
    224 px and for the demo's settings (64 px, kidney and bowel 128 px, 3 folds, 16 slices per series).
@@ -78,8 +79,13 @@ def _toy_store(directory: Path, n: int = 512, size: int = STORE_SIZE, seed: int 
     return directory
 
 
-def _demo_store(directory: Path, patients: int = 240, slices: int = 16, size: int = 128, seed: int = 0) -> Path:
-    """A store shaped like the demo's (240 patients x 16 slices at 128 px, half test, 3 folds).
+# Crops per patient of the demo's liver crop set (2,954 crops of 240 patients; the store holds 16 slices each).
+DEMO_LIVER_CROPS_PER_PATIENT = 12
+
+
+def _demo_store(directory: Path, patients: int = 240, slices: int = DEMO_LIVER_CROPS_PER_PATIENT, size: int = 128,
+                seed: int = 0) -> Path:
+    """A store shaped like the demo's liver data (240 patients x 12 slices at 128 px, half test, 3 folds).
 
     A quarter of the patients carry a dark lesion in the 'organ' on 4 of their slices; every
     organ column holds the same labels, so any organ can be trained on it.
@@ -96,7 +102,7 @@ def _demo_store(directory: Path, patients: int = 240, slices: int = 16, size: in
     patient = np.arange(n) // slices
     level = np.arange(n) % slices
     injured = patient % 4 == 0
-    on_slice = injured & (level >= 6) & (level < 10)
+    on_slice = injured & (level >= slices // 2 - 2) & (level < slices // 2 + 2)
     images = np.full((n, size, size), -1000, np.int16)
     images[:, body] = 40
     images[:, organ] = 60
@@ -179,13 +185,13 @@ def measure_training(size: int, model_name: str, batch: int, samples: int, repea
 
 
 # ------------------------------------------------------------------ 2. fold overhead
-def measure_fold(organ: str = "liver", folds: int = 3, epochs: int = 8) -> dict:
+def measure_fold(organ: str = "liver", folds: int = 3, epochs: int = 0) -> dict:
     """Train one organ of ``train_run`` at the demo's settings and time its parts.
 
     The loop's functions are wrapped here (this process only) to time them: training epochs,
     validation and test scoring, checkpoints, fold set-up; inside them the batch fetch
     (``SliceDataset.__getitems__``) and the device-side ``SliceTransform``. Early stopping is
-    off (patience = epochs) so that every fold runs the demo's 8 epochs.
+    off (patience = epochs) so that every fold runs all the demo's epochs (``epochs`` 0) or ``epochs``.
     """
     import train.data as data_mod
     import train.engine as engine
@@ -230,6 +236,7 @@ def measure_fold(organ: str = "liver", folds: int = 3, epochs: int = 8) -> dict:
         ws = Workspace(Path(tmp))
         _demo_store(ws.store_dir)
         # The demo's ImageNet start (every fold the same frozen front) on the toy store's whole slices.
+        epochs = epochs or load_config("demo").train.epochs
         cfg = load_config("demo", {"data": {"size": 128}, "train": {"input": "slices", "folds": folds,
                                                                     "epochs": epochs, "patience": epochs}})
         start = time.perf_counter()
@@ -355,7 +362,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=0, help="samples per timed training epoch (0: by size)")
     parser.add_argument("--organ", default="liver", help="organ of the fold profile (demo settings for it)")
     parser.add_argument("--folds", type=int, default=3, help="folds of the fold profile")
-    parser.add_argument("--epochs", type=int, default=8, help="epochs per fold of the fold profile")
+    parser.add_argument("--epochs", type=int, default=0, help="epochs per fold of the fold profile (0: the demo's)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--skip", default="", help="comma-separated parts to skip: train, fold, predict")
     parser.add_argument("--child", default="", help=argparse.SUPPRESS)
@@ -389,7 +396,8 @@ def main() -> None:
         st = r["settings"]
         print(f"\n2. where a fold's time goes: {r['organ']} at the demo's settings ({r['image_size']} px, epoch_size "
               f"{st['epoch_size']}, batch {st['batch_size']}, {r['epochs']} epochs, trainable_blocks "
-              f"{st['trainable_blocks']}, {r['folds']} folds; 120 train + 120 test patients x 16 slices)")
+              f"{st['trainable_blocks']}, {r['folds']} folds; 120 train + 120 test patients x "
+              f"{DEMO_LIVER_CROPS_PER_PATIENT} slices, as the demo's liver crops)")
         rows, ratio = fold_table(r)
         fold_wall = dict(rows)["folds, wall"]
         print(f"{'stage':<52}{'seconds':>9}{'share':>8}")

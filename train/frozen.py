@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from train.inference import fold_batchnorm
+from train.inference import fold_batchnorm, refold_batchnorm
 
 
 class _Back(nn.Module):
@@ -82,6 +82,7 @@ class FrozenFeatures:
         self._splits: dict[str, dict[bytes, torch.Tensor]] = {}
         self._bytes = 0
         self._front_id: str | None = None
+        self._back: tuple[nn.Module, nn.Module] | None = None  # (model, its folded back)
 
     @property
     def nbytes(self) -> int:
@@ -93,8 +94,8 @@ class FrozenFeatures:
         """A function batch -> logits of shape (b, num_classes) for ``model`` in eval mode that computes
         each ``split`` batch's front features once (with the front's batch norms folded,
         :func:`train.inference.fold_batchnorm`); ``None`` when ``model`` has no frozen front or nothing
-        may be kept. The back runs as it is: on 64 px MobileNetV2 features folding it saves about
-        what tracing it each epoch costs.
+        may be kept. The back's batch norms are folded too, traced once per model and refolded
+        (:func:`train.inference.refold_batchnorm`) at each call.
 
         ``transform`` turns a loader batch into the network input (windowing, normalisation).
         """
@@ -106,6 +107,10 @@ class FrozenFeatures:
         if front_id != self._front_id:
             self._splits.clear()
             self._bytes, self._front_id = 0, front_id
+        # The back with its batch norms folded: traced once per model (fold), brought up to date after each epoch.
+        if self._back is None or self._back[0] is not model:
+            self._back = (model, fold_batchnorm(back))
+        back = refold_batchnorm(self._back[1])
         kept = self._splits.setdefault(split, {})
         folded: list[nn.Module] = []  # the front with its batch norms folded, made at the first batch not kept
 

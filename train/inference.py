@@ -146,6 +146,7 @@ def fold_batchnorm(model: nn.Module, frozen_only: bool = False) -> nn.Module:
     except Exception:  # noqa: BLE001 - fx refuses data-dependent control flow; such a model is used unfolded
         return model
     modules = dict(graph.named_modules())
+    folded_from: list[tuple[nn.Conv2d, nn.Conv2d, nn.Module]] = []
     for node in graph.graph.nodes:
         bn = modules.get(node.target) if node.op == "call_module" else None
         conv_node = node.args[0] if node.args else None
@@ -158,23 +159,39 @@ def fold_batchnorm(model: nn.Module, frozen_only: bool = False) -> nn.Module:
             continue
         if frozen_only and (isinstance(bn, nn.BatchNorm2d) or any(q.requires_grad for q in conv.parameters())):
             continue
-        with torch.no_grad():
-            scale = torch.rsqrt(bn.running_var + bn.eps)
-            shift = -bn.running_mean * scale
-            if getattr(bn, "weight", None) is not None:  # affine (the frozen norms always are)
-                scale, shift = scale * bn.weight, shift * bn.weight + bn.bias
-            folded = copy.copy(conv)  # same hyper-parameters; new weight and bias below
-            folded._parameters = {
-                "weight": nn.Parameter(conv.weight * scale.view(-1, 1, 1, 1), requires_grad=False),
-                "bias": nn.Parameter(shift if conv.bias is None else conv.bias * scale + shift, requires_grad=False),
-            }
+        folded = copy.copy(conv)  # same hyper-parameters; new weight and bias
+        folded._parameters = {name: nn.Parameter(value, requires_grad=False)
+                              for name, value in zip(("weight", "bias"), _folded(conv, bn), strict=True)}
+        folded_from.append((folded, conv, bn))
         rest = [m for m in (getattr(bn, "drop", None), getattr(bn, "act", None)) if m is not None]
         for target, module in ((conv_node.target, folded), (node.target, nn.Sequential(*rest))):
             parent, _, name = target.rpartition(".")
             setattr(graph.get_submodule(parent), name, module)  # an empty Sequential is the identity
     graph.recompile()
     graph.pretrained_cfg = getattr(model, "pretrained_cfg", {})
+    graph.folded_from = folded_from  # for refold_batchnorm
     return graph.train(frozen_only)
+
+
+@torch.no_grad()
+def _folded(conv: nn.Conv2d, bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight and bias of the one convolution that computes ``bn(conv(x))`` with ``bn``'s running statistics."""
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    shift = -bn.running_mean * scale
+    if getattr(bn, "weight", None) is not None:  # affine (the frozen norms always are)
+        scale, shift = scale * bn.weight, shift * bn.weight + bn.bias
+    return conv.weight * scale.view(-1, 1, 1, 1), shift if conv.bias is None else conv.bias * scale + shift
+
+
+@torch.no_grad()
+def refold_batchnorm(twin: nn.Module) -> nn.Module:
+    """Bring a :func:`fold_batchnorm` twin up to date with its model's current weights and statistics
+    (after training steps), without tracing it again; returns ``twin``."""
+    for folded, conv, bn in getattr(twin, "folded_from", ()):
+        weight, bias = _folded(conv, bn)
+        folded.weight.copy_(weight)
+        folded.bias.copy_(bias)
+    return twin
 
 
 _BATCH_PIXELS = 64 * 224 * 224  # slices per inference batch: 64 at 224 px, 784 at 64 px
