@@ -49,7 +49,7 @@ from toolkit.artifacts.comparison import (
     RunRecord,
     RunScores,
 )
-from toolkit.artifacts.run import RunFolder
+from toolkit.artifacts.run import RunFolder, test_slice_keys
 from toolkit.config import Config, save_config
 from toolkit.errors import ToolkitError
 from toolkit.workspace import Workspace
@@ -58,7 +58,6 @@ IMPROVED = "improved"
 WORSE = "worse"
 NO_EVIDENCE = "no evidence of change"
 DESCRIPTIVE = "descriptive"  # the verdict field of figures that are not tested (slice level)
-SLICE_KEYS = ["patient_id", "series_id", "instance"]
 
 
 def verdict(delta_low: float, delta_high: float, p: float, alpha: float) -> str:
@@ -152,7 +151,9 @@ def load_level_scores(runs: list[Run], organ: str) -> dict[str, dict[str, LevelS
     base = runs[0]
     out: dict[str, dict[str, LevelScores]] = {"patient": {}, "slice": {}}
     ref_p = base.table(organ, "test_patients").sort_values("patient_id").reset_index(drop=True)
-    ref_s = base.table(organ, "test_slices").sort_values(SLICE_KEYS).reset_index(drop=True)
+    ref_s = base.table(organ, "test_slices")
+    keys = test_slice_keys(ref_s, *(run.table(organ, "test_slices") for run in runs))
+    ref_s = ref_s.sort_values(keys).reset_index(drop=True)
     for run in runs:
         tp = run.table(organ, "test_patients")
         if set(tp["patient_id"]) != set(ref_p["patient_id"]) or len(tp) != len(ref_p):
@@ -172,7 +173,7 @@ def load_level_scores(runs: list[Run], organ: str) -> dict[str, dict[str, LevelS
         out["patient"][run.name] = LevelScores(y, tp["prob"].to_numpy(float), tp["patient_id"].to_numpy(), fold_aucs)
 
         ts = run.table(organ, "test_slices")
-        merged = ref_s[SLICE_KEYS + ["label"]].merge(ts, on=SLICE_KEYS, how="left", suffixes=("", "_run"))
+        merged = ref_s[keys + ["label"]].merge(ts, on=keys, how="left", suffixes=("", "_run"))
         if len(ts) != len(ref_s) or merged["prob"].isna().any():
             raise ToolkitError(
                 f"runs '{base.name}' and '{run.name}' were tested on different {organ} slices "

@@ -27,7 +27,7 @@ from study.plan import Arm, primary_arms, run_name, study_arms, training_seeds
 from study.run import Study, run_config
 from study.stats import SeedMean, bootstrap_models, per_seed_aucs, pooled_seed_variance, seed_mean_auc, seed_mean_delta
 from toolkit.artifacts.comparison import json_safe
-from toolkit.artifacts.run import RunFolder
+from toolkit.artifacts.run import RunFolder, test_slice_keys
 from toolkit.errors import ToolkitError
 from toolkit.reporting import Reporter, as_reporter
 from toolkit.workspace import Workspace
@@ -82,13 +82,17 @@ class ArmResult:
     auc: Interval  # patient level, at eval.ci
     slice_auc: float  # mean over seeds of the slice-level AUC (descriptive)
     vs_control: Interval | None = None  # descriptive, at eval.ci
+    p: float | None = None  # of vs_control, unadjusted (descriptive unless the arm is a primary comparison)
+    realism_auc: float | None = None  # the synthetic set's real-vs-synthetic two-sample AUC (audit.json), if any
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ArmResult:
         vs = d.get("vs_control")
         return cls(d["arm"], d["kind"], float(d["fraction"]), float(d["ratio"]), d.get("mode"), d.get("backend"),
                    list(d["runs"]), Interval.from_dict(d["auc"]), _nan(d["slice_auc"]),
-                   None if vs is None else Interval.from_dict(vs))
+                   None if vs is None else Interval.from_dict(vs),
+                   None if d.get("p") is None else _nan(d["p"]),
+                   None if d.get("realism_auc") is None else _nan(d["realism_auc"]))
 
 
 @dataclass
@@ -215,6 +219,15 @@ def _scores(folder: RunFolder, organ: str, table: str, keys: list[str], referenc
     return merged["prob"].to_numpy(np.float64)
 
 
+def _realism_auc(synthetic_dir: Path) -> float | None:
+    """The realism two-sample AUC a synthetic set's audit recorded (lesion mode), else None."""
+    path = synthetic_dir / "audit.json"
+    if not path.exists():
+        return None
+    auc = (json.loads(path.read_text()).get("realism") or {}).get("auc")
+    return None if auc is None else float(auc)
+
+
 def collect_study(ws: Workspace, study: Study, reporter: Reporter | None = None) -> StudyResult:
     """Finish the runs and compute every figure of the study (see module docstring).
 
@@ -235,8 +248,9 @@ def collect_study(ws: Workspace, study: Study, reporter: Reporter | None = None)
                 for arm in arms for seed in seeds}
         first = next(iter(runs.values()))
         patients = first.read_table(organ, "test_patients").sort_values("patient_id")[["patient_id", "label"]]
-        slices = first.read_table(organ, "test_slices").sort_values(["patient_id", "series_id", "instance"])
-        slices = slices[["patient_id", "series_id", "instance", "label"]]
+        slice_tables = [folder.read_table(organ, "test_slices") for folder in runs.values()]
+        slice_keys = test_slice_keys(*slice_tables)
+        slices = slice_tables[0].sort_values(slice_keys)[[*slice_keys, "label"]]
         y = patients["label"].to_numpy().astype(np.int64)
         y_slice = slices["label"].to_numpy().astype(np.int64)
         models = [(arm.name, seed) for arm in arms for seed in seeds]
@@ -250,22 +264,22 @@ def collect_study(ws: Workspace, study: Study, reporter: Reporter | None = None)
 
         results = []
         for arm in arms:
-            slice_aucs = [metrics.auc(y_slice, _scores(runs[(arm.name, s)], organ, "test_slices",
-                                                       ["patient_id", "series_id", "instance"], slices))
+            slice_aucs = [metrics.auc(y_slice, _scores(runs[(arm.name, s)], organ, "test_slices", slice_keys, slices))
                           for s in seeds]
-            vs_control = None
+            vs_control, p, realism = None, None, None
             if not arm.is_control:
                 control = arm.control()
                 mean = seed_mean_delta(aucs[arm.name], aucs[control.name], arm_boot[arm.name],
                                        arm_boot[control.name], pooled[arm.fraction])
                 deltas[(organ, arm.name)] = mean
-                vs_control = Interval.of(mean, ev.ci)
+                vs_control, p = Interval.of(mean, ev.ci), mean.p_value()
+                realism = _realism_auc(study.folder.workspace(ws, arm).synthetic_dir(organ))
             results.append(ArmResult(
                 arm=arm.name, kind=arm.kind, fraction=arm.fraction, ratio=arm.ratio, mode=arm.mode,
                 backend=arm.backend, runs=[run_name(organ, arm, s) for s in seeds],
                 auc=Interval.of(seed_mean_auc(aucs[arm.name], arm_boot[arm.name], pooled[arm.fraction]), ev.ci,
                                 bounds=(0.0, 1.0)),
-                slice_auc=float(np.mean(slice_aucs)), vs_control=vs_control,
+                slice_auc=float(np.mean(slice_aucs)), vs_control=vs_control, p=p, realism_auc=realism,
             ))
         n_pos = int(y.sum())
         low = n_pos < ev.min_positives

@@ -126,7 +126,9 @@ METHODS = (
     "chance of any false verdict at or below {alpha}: 'improved' ('worse') needs the Holm-adjusted p < {alpha} "
     "and the interval at the level that comparison was tested at (the 'level' column) entirely above (below) 0. "
     "Everything else (other arms, other fractions, the curves, slice-level AUCs) is descriptive: it carries no "
-    "verdict, whatever its interval shows."
+    "verdict, whatever its interval or unadjusted p shows. 'realism AUC' is the arm's synthetic set's own audit "
+    "(lesion sets): a small network trained to tell its synthetic injured crops from real injured ones, "
+    "cross-validated by patient (0.5 = indistinguishable)."
 )
 
 
@@ -136,7 +138,9 @@ def _arm_rows(result: StudyResult, organ: OrganResult) -> list[list[str]]:
         fraction = f"{a.fraction:g} ({result.fractions[f'{a.fraction:g}']})"
         rows.append([fraction, a.kind, ", ".join(_f(v) for v in a.auc.per_seed), _f(a.auc.estimate),
                      _f(a.auc.sd_seeds), f"[{_f(a.auc.low)}, {_f(a.auc.high)}]",
-                     "control" if a.vs_control is None else _interval(a.vs_control, signed=True), _f(a.slice_auc)])
+                     "control" if a.vs_control is None else _interval(a.vs_control, signed=True),
+                     "" if a.p is None else _p(a.p), "" if a.realism_auc is None else _f(a.realism_auc),
+                     _f(a.slice_auc)])
     return rows
 
 
@@ -177,7 +181,8 @@ def build_blocks(result: StudyResult, images: dict[str, Path]) -> list[Block]:
         level = _level(result.ci)
         blocks.append(("table", ["fraction (patients)", "arm", "AUC per seed", "mean AUC", "SD over seeds",
                                  f"{level} interval", f"Δ vs control [{level}, descriptive]",
-                                 "slice AUC (descriptive)"], _arm_rows(result, organ)))
+                                 "p (unadjusted)", "realism AUC", "slice AUC (descriptive)"],
+                       _arm_rows(result, organ)))
     blocks.append(("h2", "Methods"))
     blocks.append(("p", METHODS.format(seeds=len(result.seeds), seed_list=", ".join(map(str, result.seeds)),
                                        folds=result.folds, boot=result.bootstrap, m=result.family_size,

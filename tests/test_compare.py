@@ -300,3 +300,21 @@ def test_compare_verdicts_are_holm_corrected_across_organs_and_runs(tmp_path):
     assert result.eval.multiplicity == "Holm"
     md = (report_dir(Workspace(tmp_path)) / "report.md").read_text()
     assert "Holm's step-down procedure across all 10 comparisons" in md
+
+
+def test_two_crops_of_one_slice_are_told_apart_by_their_row() -> None:
+    """A kidney slice has a left and a right crop: test_slices rows align on ``row``, never cross-joined by slice."""
+    import pandas as pd
+
+    from toolkit.artifacts.run import test_slice_keys
+    from toolkit.errors import DataError
+
+    slices = pd.DataFrame({"patient_id": [1, 1, 2], "series_id": [7, 7, 8], "instance": [3, 3, 3],
+                           "label": [1, 0, 0], "prob": [0.9, 0.2, 0.1], "row": [10, 11, 12]})
+    keys = test_slice_keys(slices, slices.sample(frac=1.0, random_state=0))
+    assert keys[0] == "row"
+    merged = slices[[*keys, "label"]].merge(slices, on=keys, how="left", suffixes=("", "_run"))
+    assert len(merged) == len(slices) and (merged["label"] == merged["label_run"]).all()
+    with pytest.raises(DataError, match=r"two rows of one slice .* re-run `toolkit train --force`"):
+        test_slice_keys(slices.drop(columns="row"))
+    assert test_slice_keys(slices.iloc[1:].drop(columns="row")) == ["patient_id", "series_id", "instance"]

@@ -238,7 +238,12 @@ def test_sharded_study_collects_to_the_unsharded_result(tmp_path):
             assert set(folder.read_table(ORGAN, "test_patients")["patient_id"]) == test_patients
     assert {a.arm for a in result.organs[ORGAN].arms} == {"f0.5-r0", "f0.5-image-gan-r0.5", "f1-r0",
                                                           "f1-image-gan-r0.5"}
+    arms = {a.arm: a for a in result.organs[ORGAN].arms}
+    # Every synthetic arm carries its descriptive p; controls carry none. An image-mode set has no realism test.
+    assert all((a.p is None) == (a.vs_control is None) for a in arms.values())
+    assert 0.0 <= arms["f0.5-image-gan-r0.5"].p <= 1.0 and arms["f0.5-image-gan-r0.5"].realism_auc is None
     (primary,) = result.primary
+    assert primary.p == arms["f1-image-gan-r0.5"].p
     assert (primary.organ, primary.arm, primary.control) == (ORGAN, "f1-image-gan-r0.5", "f1-r0")
     assert primary.delta.level == 0.95 and len(primary.delta.per_seed) == 2
     assert primary.verdict in ("improved", "worse", "no evidence of change")

@@ -131,7 +131,7 @@ def test_run_folder_follows_the_output_contract(ws: Workspace, real_only) -> Non
     columns = {
         "oof.csv": ["patient_id", "series_id", "instance", "fold", "label", "prob"],
         "test_folds.csv": ["patient_id", "series_id", "instance", "label", "fold", "prob"],
-        "test_slices.csv": ["patient_id", "series_id", "instance", "label", "prob"],
+        "test_slices.csv": ["patient_id", "series_id", "instance", "label", "prob", "row"],
         "test_patients.csv": ["patient_id", "label", "grade", "prob", "prob_fold_0", "prob_fold_1"],
         "oof_patients.csv": ["patient_id", "fold", "label", "grade", "prob"],
     }

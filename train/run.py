@@ -663,7 +663,7 @@ def write_organ_outputs(
         label=("label", "first"),
         prob=("prob", "mean"),
     )
-    folder.write_table(organ, "test_slices", ensemble)
+    folder.write_table(organ, "test_slices", ensemble.reset_index(), extra=("row",))  # row: two kidney crops a slice
 
     prob = patient_scores(ensemble, aggregate, top_k)
     per_fold = patient_scores(test, aggregate, top_k, by=("patient_id", "fold")).unstack("fold")

@@ -19,7 +19,7 @@ One definition of the layout; nothing else names these files::
     runs/<name>/<organ>/oof.csv                    patient_id, series_id, instance, fold, label, prob
     runs/<name>/<organ>/oof_patients.csv           patient_id, fold, label, grade, prob
     runs/<name>/<organ>/test_folds.csv             patient_id, series_id, instance, label, fold, prob
-    runs/<name>/<organ>/test_slices.csv            patient_id, series_id, instance, label, prob (fold mean)
+    runs/<name>/<organ>/test_slices.csv            patient_id, series_id, instance, label, prob (fold mean), row
     runs/<name>/<organ>/test_patients.csv          patient_id, label, grade, prob, prob_fold_0..K-1
 
 Slice files carry the slice label; patient files the patient label (``<organ>_patient > 0``)
@@ -53,6 +53,7 @@ PREDICTION_FILES = {"val": "val_predictions.csv", "test": "test_predictions.csv"
 
 METRIC_COLUMNS = ("epoch", "train_loss", "val_loss", "val_auc", "val_patient_auc", "lr", "seconds", "slices_per_s")
 PREDICTION_COLUMNS = ("row", "patient_id", "series_id", "instance", "fold", "label", "prob")
+SLICE_KEYS = ("patient_id", "series_id", "instance")  # one stored slice (an organ crop set may hold two rows of it)
 # An organ's prediction tables, columns in file order (test_patients adds prob_fold_0..K-1).
 TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
     "oof": ("patient_id", "series_id", "instance", "fold", "label", "prob"),
@@ -377,6 +378,23 @@ class RunFolder:
 
     def has_table(self, organ: str, table: str) -> bool:
         return self.table_path(organ, table).exists()
+
+
+def test_slice_keys(*frames: pd.DataFrame) -> list[str]:
+    """Columns that identify a ``test_slices`` row in every one of ``frames``.
+
+    ``row`` (the organ's data row) where all carry it: a kidney slice has two crops, left and right,
+    so patient, series and instance do not tell its rows apart. Tables written before ``row`` fall
+    back to those three and are refused where they hold two rows of one slice.
+    """
+    keys = ["row", *SLICE_KEYS] if all("row" in f.columns for f in frames) else list(SLICE_KEYS)
+    for frame in frames:
+        if frame.duplicated(keys).any():
+            raise DataError(
+                "a test_slices.csv holds two rows of one slice (two crops, e.g. left and right kidney) without a "
+                "'row' column to tell them apart; re-run `toolkit train --force` for that run"
+            )
+    return keys
 
 
 def _columns(frame: pd.DataFrame, columns: tuple[str, ...], path: Path) -> pd.DataFrame:
