@@ -184,7 +184,7 @@ def test_fill_changes_only_the_lesion_with_the_configured_contrast_and_the_organ
     healthy = np.flatnonzero(labels == 0)
     rng = np.random.default_rng(0)
     lesions = create_lesion_mask("parenchymal_hematoma", 2)(masks[healthy], rng, spacing=3.0)
-    fill = RandFillLesion(contrast_hu=(-60.0, -40.0), reference="organ", edge_mm=0.0)
+    fill = RandFillLesion(contrast_hu=(-60.0, -40.0), reference="organ", edge_mm=0.0, texture="matched")
     out = np.stack([fill(hu[i], masks[i], m, rng, spacing=3.0) for i, m in zip(healthy, lesions, strict=True)])
     assert out.dtype == np.int16
     np.testing.assert_array_equal(out[~lesions], hu[healthy][~lesions])  # tolerance 0 outside the lesion
@@ -198,6 +198,22 @@ def test_fill_changes_only_the_lesion_with_the_configured_contrast_and_the_organ
     assert 7.0 < inside.std() < 13.0
     stats = organ_statistics(hu[healthy[0]], masks[healthy[0]])
     assert abs(stats.mean - 100) < 5 and 7 < stats.std < 13 and stats.correlation_px < 0.5
+
+
+def test_a_source_texture_shifts_the_crops_own_pixels_by_one_contrast(crops):
+    """texture="source": inside the lesion each pixel is its healthy value plus the lesion's one drawn contrast."""
+    hu, masks, labels, _ = crops
+    healthy = np.flatnonzero(labels == 0)[:6]
+    rng = np.random.default_rng(1)
+    lesions = create_lesion_mask("parenchymal_hematoma", 2)(masks[healthy], rng, spacing=3.0)
+    fill = RandFillLesion(contrast_hu=(-60.0, -40.0), reference="organ", edge_mm=0.0, texture="source")
+    for i, lesion in zip(healthy, lesions, strict=True):
+        out = fill(hu[i], masks[i], lesion, rng, spacing=3.0)
+        np.testing.assert_array_equal(out[~lesion], hu[i][~lesion])
+        shift = out[lesion].astype(np.int32) - hu[i][lesion]
+        assert shift.max() - shift.min() <= 1 and -61 <= shift.mean() <= -39  # one contrast, rounded to HU
+    with pytest.raises(Exception, match=r"unknown gen.lesion.texture 'plastic'"):
+        RandFillLesion((-60.0, -40.0), texture="plastic")(hu[healthy[0]], masks[healthy[0]], lesions[0], rng)
 
 
 def test_fill_can_take_the_contrast_measured_on_real_injuries(crops):

@@ -127,7 +127,7 @@ def demo(
 ) -> None:
     """Run the whole study on the built-in CT phantom: data, store, generators, two runs, report.
 
-    Uses the demo config unless --config is given (sized for a 2-core CPU: about 8 minutes, measured 459 s
+    Uses the demo config unless --config is given (sized for a 2-core CPU: about 7 minutes, measured 437 s
     on an idle one).
     Re-running continues an interrupted demo; finished stages are kept.
     """

@@ -8,8 +8,10 @@ A healthy crop, its organ mask and a lesion mask in; the injured crop out::
 Inside the lesion the crop becomes ``level + texture``: ``level`` is the organ's mean HU plus a
 contrast drawn from ``contrast_hu`` (``reference="organ"``, a hypodense hematoma) or a value drawn
 from ``contrast_hu`` itself (``reference="absolute"``, a contrast blush, fluid or gas); ``texture``
-is Gaussian-correlated noise with the organ's own standard deviation and pixel-to-pixel
-correlation, so the lesion is as noisy and as smooth as the parenchyma around it. The rim is
+is the healthy crop's own deviation from the organ's mean under the lesion (``texture="source"``, the
+default: the crop shifted by the contrast, as image-domain lesion insertion in CT does, keeping the
+scanner's noise and resampling exactly), or Gaussian-correlated noise with the organ's own standard
+deviation and pixel-to-pixel correlation (``texture="matched"``). The rim is
 feathered *inward* over ``edge_mm``: a lesion pixel at distance ``d`` (px) from the nearest
 non-lesion pixel is blended with weight ``min(1, d / edge_px)``.
 
@@ -31,6 +33,7 @@ from toolkit.config import LesionGenConfig
 from toolkit.errors import ConfigError, DataError
 
 REFERENCES = ("organ", "absolute")
+TEXTURES = ("source", "matched")
 MAX_CORRELATION_PX = 3.0
 """Longest noise correlation (Gaussian sigma, px) the fill reproduces; beyond it the organ's variation is anatomy."""
 
@@ -140,12 +143,16 @@ class RandFillLesion:
     reference : {"organ", "absolute"}, default="organ"
     edge_mm : float, default=1.0
         Width of the feathered rim inside the lesion (0: a hard edge).
+    texture : {"source", "matched"}, default="source"
+        Inside the lesion: the crop's own pixels shifted, or new noise matched to the organ's.
     """
 
-    def __init__(self, contrast_hu: Sequence[float], reference: str = "organ", edge_mm: float = 1.0) -> None:
+    def __init__(self, contrast_hu: Sequence[float], reference: str = "organ", edge_mm: float = 1.0,
+                 texture: str = "source") -> None:
         self.contrast_hu = contrast_hu
         self.reference = reference
         self.edge_mm = edge_mm
+        self.texture = texture
 
     def __call__(
         self,
@@ -172,6 +179,8 @@ class RandFillLesion:
         """
         if self.reference not in REFERENCES:
             raise ConfigError(f"unknown contrast reference '{self.reference}'; choose one of {', '.join(REFERENCES)}")
+        if self.texture not in TEXTURES:
+            raise ConfigError(f"unknown gen.lesion.texture '{self.texture}'; choose one of {', '.join(TEXTURES)}")
         crop = np.asarray(crop_hu)
         lesion = np.asarray(lesion_mask, dtype=bool)
         if crop.ndim != 2 or lesion.shape != crop.shape or np.shape(organ_mask) != crop.shape:
@@ -184,7 +193,10 @@ class RandFillLesion:
         stats = organ_statistics(crop, organ_mask, exclude=lesion)
         drawn = rng.uniform(float(self.contrast_hu[0]), float(self.contrast_hu[1]))
         level = stats.mean + drawn if self.reference == "organ" else drawn
-        texture = correlated_noise(crop.shape, stats.std, stats.correlation_px, rng)
+        if self.texture == "source":
+            texture = crop.astype(np.float64) - stats.mean
+        else:
+            texture = correlated_noise(crop.shape, stats.std, stats.correlation_px, rng)
         sy, sx = check_spacing(spacing)
         alpha = feather_weights(lesion, self.edge_mm / (0.5 * (sy + sx)))
         value = crop.astype(np.float64) + alpha * (level + texture - crop)
@@ -242,6 +254,6 @@ def fill_lesions(
             reference, contrast = "organ", tuple(measured_delta_hu[kinds[i]])
         else:
             reference, contrast = contrast_of(kinds[i], cfg)
-        fill = RandFillLesion(contrast, reference=reference, edge_mm=cfg.edge_mm)
+        fill = RandFillLesion(contrast, reference=reference, edge_mm=cfg.edge_mm, texture=cfg.texture)
         out[i] = fill(crops[i], organ_masks[i], lesion_masks[i], rng, spacing=float(spacings[i]))
     return out
