@@ -455,15 +455,10 @@ def save_epoch(
     parts.saved_at = time.perf_counter()
 
 
-def _write_best(model: nn.Module, fold: FoldFolder, best: dict[str, Any], keep_current: bool = True) -> None:
-    """The best epoch kept in memory, as the fold's checkpoint and validation predictions (main process).
-    ``model`` is left with the best weights unless ``keep_current``."""
-    current = {k: v.detach().clone() for k, v in model.state_dict().items()} if keep_current else None
-    model.load_state_dict(best["weights"])
-    save_classifier(model, fold.path, extra=best["extra"])
+def _write_best(model: nn.Module, fold: FoldFolder, best: dict[str, Any]) -> None:
+    """The best epoch kept in memory, as the fold's checkpoint and validation predictions (main process)."""
+    save_classifier(model, fold.path, extra=best["extra"], weights=best["weights"])
     fold.write_predictions("val", best["predictions"])
-    if current is not None:
-        model.load_state_dict(current)
 
 
 def finish_fold(
@@ -474,10 +469,10 @@ def finish_fold(
     model = accelerator.unwrap_model(parts.model)
     if parts.best is None:  # a resumed fold whose best epoch came before the interruption: written then
         model.load_state_dict(load_file(str(fold.path / WEIGHTS_NAME)))
-    elif accelerator.is_main_process:
-        _write_best(model, fold, parts.best, keep_current=False)
     else:
         model.load_state_dict(parts.best["weights"])
+        if accelerator.is_main_process:
+            _write_best(model, fold, parts.best)
     test = evaluate(parts.model, parts.test_loader, accelerator, parts.eval_transform, data.features, "test")
     if data.features is not None:
         data.features.forget("val")  # the next fold validates other patients; the test set is shared

@@ -112,14 +112,15 @@ class FrozenFeatures:
             self._back = (model, fold_batchnorm(back))
         back = refold_batchnorm(self._back[1])
         kept = self._splits.setdefault(split, {})
-        folded: list[nn.Module] = []  # the front with its batch norms folded, made at the first batch not kept
+        folded_front: nn.Module | None = None  # made at the first batch not kept (often none: nothing to trace)
 
         def score(batch: dict[str, Any]) -> torch.Tensor:
+            nonlocal folded_front
             key = batch["index"].cpu().numpy().tobytes()
             features = kept.get(key)
             if features is None:
-                folded[:] = folded or [fold_batchnorm(front)]
-                features = folded[0](transform(batch))
+                folded_front = folded_front or fold_batchnorm(front)
+                features = folded_front(transform(batch))
                 size = features.element_size() * features.nelement()
                 if self._bytes + size <= self.max_bytes:
                     kept[key] = features

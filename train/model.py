@@ -287,12 +287,16 @@ def set_trainable_blocks(model: nn.Module, n: int) -> int:
 
 
 # ------------------------------------------------------------------ checkpoints
-def save_classifier(model: nn.Module, directory: Path, extra: dict[str, Any] | None = None) -> Path:
+def save_classifier(
+    model: nn.Module, directory: Path, extra: dict[str, Any] | None = None,
+    weights: dict[str, torch.Tensor] | None = None,
+) -> Path:
     """Write ``model.safetensors`` + ``config.json`` into ``directory``.
 
     ``config.json`` holds what :func:`load_classifier` and inference need: ``architecture``
     (timm name), ``in_chans``, ``num_classes``, ``image_size``, ``mean``, ``std``, plus ``extra``
-    (windows, fold, epoch, validation AUC).
+    (windows, fold, epoch, validation AUC). ``weights``: a state dict of ``model`` to write instead of
+    its current one (an earlier epoch's).
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -307,7 +311,7 @@ def save_classifier(model: nn.Module, directory: Path, extra: dict[str, Any] | N
         "std": list(pcfg["std"]),
         **(extra or {}),
     }
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in (weights or model.state_dict()).items()}
     tmp = directory / (WEIGHTS_NAME + ".tmp")
     save_file(state, str(tmp))
     tmp.replace(directory / WEIGHTS_NAME)

@@ -49,7 +49,7 @@ import torch
 
 from toolkit import ORGANS
 from toolkit.artifacts.crops import CropSet, load_crop_set, reads_crops
-from toolkit.artifacts.run import RunFolder, RunInfo
+from toolkit.artifacts.run import RESULT_NEUTRAL_TRAIN_KEYS, RunFolder, RunInfo
 from toolkit.artifacts.synthetic import SyntheticSet
 from toolkit.config import Config, check_image_sizes, organ_config, save_config, validate
 from toolkit.errors import ContractError, DataError, ToolkitError
@@ -61,9 +61,6 @@ from train.data import BalancedEpochDataset, SliceDataset, resize_hu
 from train.engine import FoldData, TrainHooks, binary_auc, train_fold
 from train.frozen import FrozenFeatures
 from train.inference import patient_scores
-
-# Settings a resumed run need not share with the interrupted one (they change no result).
-_RESUME_IGNORES = ("num_workers", "feature_cache_mb", "checkpoint_every_s")
 
 
 def default_run_name(ratio: float) -> str:
@@ -282,7 +279,7 @@ def load_synthetic_pool(
 
 # ------------------------------------------------------------------ run folder
 def _comparable(cfg_dict: dict[str, Any]) -> dict[str, Any]:
-    train = {k: v for k, v in cfg_dict["train"].items() if k not in _RESUME_IGNORES}
+    train = {k: v for k, v in cfg_dict["train"].items() if k not in RESULT_NEUTRAL_TRAIN_KEYS}
     return {"seed": cfg_dict["seed"], "windows": cfg_dict["data"]["windows"], "train": train,
             "crop": cfg_dict.get("crop")}
 

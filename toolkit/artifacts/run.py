@@ -62,9 +62,11 @@ TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
     "test_slices": ("patient_id", "series_id", "instance", "label", "prob"),
     "test_patients": ("patient_id", "label", "grade", "prob"),
 }
-# Train keys that belong to the run, not to one organ (``train.organs`` cannot set them), and
-# those that change no result (workers, memory, how often the resume state is written).
-RUN_LEVEL_TRAIN_KEYS = ("synthetic_ratio", "folds", "organs", "num_workers", "feature_cache_mb", "checkpoint_every_s")
+# Train keys that change no result (workers, memory, how often the resume state is written): a resumed run
+# may change them.
+RESULT_NEUTRAL_TRAIN_KEYS = ("num_workers", "feature_cache_mb", "checkpoint_every_s")
+# Train keys that belong to the run, not to one organ (``train.organs`` cannot set them), and the neutral ones.
+RUN_LEVEL_TRAIN_KEYS = ("synthetic_ratio", "folds", "organs", *RESULT_NEUTRAL_TRAIN_KEYS)
 
 
 # ------------------------------------------------------------------ run.json
